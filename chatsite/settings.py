@@ -1,0 +1,207 @@
+"""The one settings file. Everything comes from the environment; the defaults
+run a development site as-is (SQLite, in-memory channel layer, the bundled
+model served on loopback)."""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+DEBUG = env_bool("DEBUG", True)
+
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("Set SECRET_KEY: it is required when DEBUG is off.")
+    SECRET_KEY = "django-insecure-development-only-key-do-not-use-in-production"
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "conversations",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "chatsite.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = None
+ASGI_APPLICATION = "chatsite.asgi.application"
+
+# Persistent connections leak under ASGI: every request runs in its own
+# thread, so conn_max_age stays 0 whatever the URL says.
+DATABASES = {
+    "default": dj_database_url.config(
+        default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}", conn_max_age=0
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # IMMEDIATE makes concurrent writers queue instead of failing to upgrade
+    # a read lock; WAL lets readers go on while a reply is being saved.
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    DATABASES["default"].setdefault("TEST", {})["NAME"] = None
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = os.environ.get("REDIS_URL", "")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [REDIS_URL],
+                # A fast reply to a slow reader must not overflow a channel:
+                # channels-redis drops messages past capacity without a word.
+                "capacity": env_int("CHANNEL_CAPACITY", 5000),
+                "expiry": 60,
+                "group_expiry": 86400,
+            },
+        }
+    }
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": env_int("CHANNEL_CAPACITY", 5000), "expiry": 60},
+        }
+    }
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "chat"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = BASE_DIR / "staticfiles"
+# WhiteNoise serves static files under daphne too; in DEBUG it reads them
+# straight from the finders, so collectstatic is only needed with DEBUG off.
+WHITENOISE_USE_FINDERS = DEBUG
+WHITENOISE_AUTOREFRESH = DEBUG
+
+if not DEBUG:
+    SESSION_COOKIE_SECURE = env_bool("SECURE_COOKIES", True)
+    CSRF_COOKIE_SECURE = env_bool("SECURE_COOKIES", True)
+
+
+# The model server. OLLAMA_HOST takes Ollama's own forms ("host:port",
+# "http://host:port"); LLM_BASE_URL is any OpenAI-compatible base URL and
+# wins when both are set. With neither, `manage.py serve` starts the bundled
+# model and sets LLM_BASE_URL for the site.
+def _ollama_base_url(host: str) -> str:
+    host = host.strip().rstrip("/")
+    if "://" not in host:
+        host = f"http://{host}"
+    scheme, _, rest = host.partition("://")
+    if ":" not in rest.rsplit("]", 1)[-1] and "/" not in rest:
+        rest = f"{rest}:11434"
+    return f"{scheme}://{rest}/v1"
+
+
+OLLAMA_HOST = os.environ.get("OLLAMA_HOST", "")
+LLM_BASE_URL = os.environ.get("LLM_BASE_URL") or _ollama_base_url(
+    OLLAMA_HOST or "http://127.0.0.1:11434"
+)
+# Ollama and llama.cpp ignore the key, but the openai client insists on one.
+LLM_API_KEY = os.environ.get("LLM_API_KEY", "") or "not-needed"
+# Empty means "the first model the server lists".
+DEFAULT_MODEL = os.environ.get("DEFAULT_MODEL") or (
+    "llama3.2" if OLLAMA_HOST else "" if os.environ.get("LLM_BASE_URL") else "smollm2"
+)
+LLM_CONNECT_TIMEOUT = env_float("LLM_CONNECT_TIMEOUT", 5.0)
+LLM_READ_TIMEOUT = env_float("LLM_READ_TIMEOUT", 120.0)
+LLM_MODELS_CACHE_SECONDS = env_float("LLM_MODELS_CACHE_SECONDS", 10.0)
+
+# Chat behaviour.
+CHAT_CONTEXT_BUDGET = env_int("CHAT_CONTEXT_BUDGET", 6000)  # tokens, roughly 4 characters each
+CHAT_COALESCE_MS = env_int("CHAT_COALESCE_MS", 30)
+CHAT_SAVE_INTERVAL = env_float("CHAT_SAVE_INTERVAL", 1.0)
+CHAT_MAX_CONTENT = 32_000
+CHAT_RATE_LIMIT = env_int("CHAT_RATE_LIMIT", 30)  # sends per user per minute
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {"daphne": {"level": "WARNING"}, "httpx": {"level": "WARNING"}},
+}

@@ -1,0 +1,75 @@
+from django.contrib import admin
+from django.db.models import Count
+from django.urls import reverse
+from django.utils.html import format_html
+
+from .models import Conversation, Message
+
+
+class MessageInline(admin.TabularInline):
+    model = Message
+    extra = 0
+    can_delete = False
+    show_change_link = True
+    ordering = ["created", "pk"]
+    fields = ["created", "role", "status", "model", "content", "superseded"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(Conversation)
+class ConversationAdmin(admin.ModelAdmin):
+    list_display = ["__str__", "owner_link", "model", "message_count", "updated"]
+    list_filter = ["model", "updated"]
+    search_fields = ["title", "owner__username", "messages__content"]
+    list_select_related = ["owner"]
+    date_hierarchy = "updated"
+    readonly_fields = ["id", "owner", "created", "updated"]
+    fields = ["id", "owner", "title", "model", "system_prompt", "options", "created", "updated"]
+    inlines = [MessageInline]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(message_total=Count("messages"))
+
+    @admin.display(description="owner", ordering="owner__username")
+    def owner_link(self, obj: Conversation) -> str:
+        url = reverse("admin:auth_user_change", args=[obj.owner_id])
+        return format_html('<a href="{}">{}</a>', url, obj.owner.get_username())
+
+    @admin.display(description="messages", ordering="message_total")
+    def message_count(self, obj: Conversation) -> int:
+        return obj.message_total
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    list_display = ["__str__", "conversation_link", "role", "status", "model", "created"]
+    list_filter = ["role", "status", "model", "superseded"]
+    search_fields = ["content", "conversation__title", "conversation__owner__username"]
+    list_select_related = ["conversation"]
+    readonly_fields = [
+        "id",
+        "conversation_link",
+        "role",
+        "status",
+        "model",
+        "options",
+        "prompt_tokens",
+        "completion_tokens",
+        "ttft_ms",
+        "duration_ms",
+        "seq",
+        "superseded",
+        "created",
+        "updated",
+        "error_code",
+        "error",
+    ]
+    fields = [*readonly_fields[:2], "content", "reasoning", *readonly_fields[2:]]
+
+    @admin.display(description="conversation")
+    def conversation_link(self, obj: Message) -> str:
+        url = reverse("admin:conversations_conversation_change", args=[obj.conversation_id])
+        return format_html('<a href="{}">{}</a>', url, obj.conversation)

@@ -1,0 +1,403 @@
+"""The WebSocket protocol v1 (docs/protocol.md): validate a frame, check
+permission, hand off to the models and to replies.py."""
+
+import json
+import logging
+import uuid
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+from django.core.cache import cache
+
+from . import llm, replies
+from .models import Busy, Conversation, Message, NothingToAnswer
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL = 1
+MAX_FRAME = 256 * 1024
+MAX_ID = 64
+OPTION_RANGES: dict[str, tuple[type, float, float]] = {
+    "temperature": (float, 0.0, 2.0),
+    "top_p": (float, 0.0, 1.0),
+    "max_tokens": (int, 1, 1_000_000),
+    "seed": (int, -(2**63), 2**63 - 1),
+}
+
+
+class FrameError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def bad_request(message: str) -> FrameError:
+    return FrameError("bad_request", message)
+
+
+NOT_FOUND = "No such conversation."
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self) -> None:
+        self.user = self.scope.get("user")
+        if self.user is None or not self.user.is_authenticated:
+            await self.close()
+            return
+        self.subscriptions: set[str] = set()
+        # The seq of each live reply that this client holds, so it gets
+        # every delta after it once: none missed, none repeated.
+        self.held: dict[str, int] = {}
+        await self.accept()
+        await _interrupt_orphans_once()
+        try:
+            models, state = await llm.list_models(), "ok"
+        except llm.LLMError:
+            models, state = [], "unavailable"
+        await self.send_json(
+            {
+                "type": "ready",
+                "user": self.user.get_username(),
+                "protocol": PROTOCOL,
+                "models": models,
+                "default_model": await llm.default_model(),
+                "llm": state,
+            }
+        )
+
+    async def disconnect(self, code: int) -> None:
+        for conversation_id in getattr(self, "subscriptions", ()):
+            await self.channel_layer.group_discard(
+                replies.conversation_group(conversation_id), self.channel_name
+            )
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None):
+        if text_data is None:
+            await self.send_error("bad_request", "Frames must be JSON text.")
+            return
+        if len(text_data) > MAX_FRAME:
+            await self.send_error("too_large", f"Frames are limited to {MAX_FRAME} bytes.")
+            return
+        try:
+            frame = json.loads(text_data)
+        except ValueError:
+            await self.send_error("bad_request", "That frame is not valid JSON.")
+            return
+        await self.receive_json(frame)
+
+    async def receive_json(self, frame: Any, **kwargs) -> None:
+        request_id = frame.get("id") if isinstance(frame, dict) else None
+        if not isinstance(request_id, str) or len(request_id) > MAX_ID:
+            request_id = None
+        try:
+            if not isinstance(frame, dict):
+                raise bad_request("A frame must be a JSON object.")
+            if "id" in frame and request_id is None:
+                raise bad_request(f"id must be a string of at most {MAX_ID} characters.")
+            handler = self.handlers.get(frame.get("type"))
+            if handler is None:
+                raise bad_request(f"Unknown frame type: {str(frame.get('type'))[:40]!r}.")
+            await handler(self, frame, request_id)
+        except FrameError as exc:
+            await self.send_error(exc.code, exc.message, request_id)
+
+    async def send_error(self, code: str, message: str, request_id: str | None = None) -> None:
+        frame = {"type": "error", "code": code, "message": message}
+        if request_id is not None:
+            frame["id"] = request_id
+        await self.send_json(frame)
+
+    async def send_frame(self, frame: dict[str, Any], request_id: str | None) -> None:
+        if request_id is not None:
+            frame = {**frame, "id": request_id}
+        await self.send_json(frame)
+
+    # Client frames.
+
+    async def on_send(self, frame: dict, request_id: str | None) -> None:
+        content = frame.get("content")
+        if not isinstance(content, str):
+            raise bad_request("content must be a string.")
+        if len(content) > settings.CHAT_MAX_CONTENT:
+            raise FrameError(
+                "too_large", f"A message is limited to {settings.CHAT_MAX_CONTENT} characters."
+            )
+        if not content.strip():
+            raise bad_request("content must not be empty.")
+        model = _optional_str(frame, "model", 200)
+        system = _optional_str(frame, "system", settings.CHAT_MAX_CONTENT)
+        options = _options(frame.get("options"))
+        conversation_id = frame.get("conversation")
+        if conversation_id is not None:
+            conversation_id = _conversation_id(frame)
+        if not await _allow_send(self.user.pk):
+            raise FrameError("rate_limited", "Too many messages; wait a minute and try again.")
+        default_model = await llm.default_model()
+        try:
+            conversation, created, changed, user_message, reply = await _begin_send(
+                self.user, conversation_id, content, model, system, options, default_model
+            )
+        except Conversation.DoesNotExist:
+            raise FrameError("not_found", NOT_FOUND) from None
+        except Busy:
+            raise FrameError(
+                "busy", "A reply is still being written in this conversation."
+            ) from None
+        await self.subscribe(conversation)
+        if created:
+            await self.send_frame(conversation_frame(conversation), request_id)
+        elif changed:
+            await self.broadcast(conversation.pk, conversation_frame(conversation))
+        message_frame = {
+            "type": "message",
+            "conversation": str(conversation.pk),
+            "message": user_message.as_frame(),
+        }
+        await self.send_frame(message_frame, request_id)
+        await self.broadcast(conversation.pk, message_frame, skip_self=True)
+        self.held[str(reply.pk)] = 0
+        replies.start(conversation, reply, self.channel_name, request_id)
+
+    async def on_stop(self, frame: dict, request_id: str | None) -> None:
+        conversation = await self.own_conversation(frame)
+        await replies.request_stop(conversation.pk)
+
+    async def on_regenerate(self, frame: dict, request_id: str | None) -> None:
+        conversation = await self.own_conversation(frame)
+        model = conversation.model or await llm.default_model()
+        try:
+            _, reply, superseded = await database_sync_to_async(conversation.start_turn)(
+                None, model, conversation.options
+            )
+        except Busy:
+            raise FrameError(
+                "busy", "A reply is still being written in this conversation."
+            ) from None
+        except NothingToAnswer:
+            raise bad_request("There is no message to answer in this conversation.") from None
+        await self.subscribe(conversation)
+        if superseded is not None:
+            await self.broadcast(
+                conversation.pk,
+                {
+                    "type": "message",
+                    "conversation": str(conversation.pk),
+                    "message": superseded.as_frame(),
+                },
+            )
+        self.held[str(reply.pk)] = 0
+        replies.start(conversation, reply, self.channel_name, request_id)
+
+    async def on_subscribe(self, frame: dict, request_id: str | None) -> None:
+        conversation = await self.own_conversation(frame)
+        # Join the group first: every delta after the snapshots below
+        # reaches us, and held[] drops the ones the snapshots already hold.
+        await self.subscribe(conversation)
+        await self.send_frame(conversation_frame(conversation), request_id)
+        messages = await database_sync_to_async(list)(conversation.visible_messages())
+        for message in messages:
+            await self.send_json(
+                {
+                    "type": "message",
+                    "conversation": str(conversation.pk),
+                    "message": await self.current_frame(message),
+                }
+            )
+
+    async def on_unsubscribe(self, frame: dict, request_id: str | None) -> None:
+        conversation_id = _conversation_id(frame)
+        if conversation_id in self.subscriptions:
+            self.subscriptions.discard(conversation_id)
+            await self.channel_layer.group_discard(
+                replies.conversation_group(conversation_id), self.channel_name
+            )
+
+    async def on_ping(self, frame: dict, request_id: str | None) -> None:
+        await self.send_frame({"type": "pong"}, request_id)
+
+    handlers = {
+        "send": on_send,
+        "stop": on_stop,
+        "regenerate": on_regenerate,
+        "subscribe": on_subscribe,
+        "unsubscribe": on_unsubscribe,
+        "ping": on_ping,
+    }
+
+    # Helpers.
+
+    async def own_conversation(self, frame: dict) -> Conversation:
+        conversation_id = _conversation_id(frame)
+        try:
+            return await Conversation.objects.for_user(self.user).aget(pk=conversation_id)
+        except Conversation.DoesNotExist:
+            raise FrameError("not_found", NOT_FOUND) from None
+
+    async def subscribe(self, conversation: Conversation) -> None:
+        conversation_id = str(conversation.pk)
+        if conversation_id not in self.subscriptions:
+            self.subscriptions.add(conversation_id)
+            await self.channel_layer.group_add(
+                replies.conversation_group(conversation_id), self.channel_name
+            )
+
+    async def broadcast(self, conversation_id: Any, frame: dict, skip_self: bool = False) -> None:
+        event = {"type": "chat.event", "frame": frame}
+        if skip_self:
+            event["skip"] = self.channel_name
+        await self.channel_layer.group_send(replies.conversation_group(conversation_id), event)
+
+    async def current_frame(self, message: Message) -> dict[str, Any]:
+        """A message as it is now: for a reply in progress, the snapshot of
+        the process writing it, which is newer than the database."""
+        frame = None
+        if message.is_live:
+            frame = await replies.snapshot(message.conversation_id, message.pk)
+            if frame is None:
+                message = await Message.objects.aget(pk=message.pk)
+                if message.is_stale():
+                    await database_sync_to_async(message.mark_interrupted)()
+        if frame is None:
+            frame = message.as_frame()
+        if message.role == Message.Role.ASSISTANT:
+            self.held[str(message.pk)] = frame["seq"]
+        return frame
+
+    # Channel-layer events.
+
+    async def chat_event(self, event: dict) -> None:
+        frame = event["frame"]
+        if event.get("skip") == self.channel_name:
+            return
+        conversation_id = frame.get("conversation")
+        if frame["type"] != "error" and conversation_id not in self.subscriptions:
+            return  # arrived after an unsubscribe
+        if frame["type"] == "start":
+            self.held[frame["message"]] = 0
+        elif frame["type"] == "delta":
+            message_id, seq = frame["message"], frame["seq"]
+            held = self.held.get(message_id, seq - 1)
+            if seq <= held:
+                return
+            if seq > held + 1:
+                # A delta went missing (a full channel, say): resend the
+                # whole reply as a snapshot rather than show a gap.
+                logger.warning("gap in reply %s: held %d, got %d", message_id, held, seq)
+                message = await Message.objects.aget(pk=message_id)
+                snapshot = await self.current_frame(message)
+                await self.send_json(
+                    {"type": "message", "conversation": conversation_id, "message": snapshot}
+                )
+                return
+            self.held[message_id] = seq
+        elif frame["type"] == "end":
+            self.held.pop(frame["message"], None)
+        await self.send_json(frame)
+
+    @classmethod
+    async def encode_json(cls, content: dict) -> str:
+        return json.dumps(content, ensure_ascii=False)
+
+
+def conversation_frame(conversation: Conversation) -> dict[str, Any]:
+    return {"type": "conversation", "conversation": conversation.as_frame()}
+
+
+def _conversation_id(frame: dict) -> str:
+    value = frame.get("conversation")
+    if not isinstance(value, str):
+        raise bad_request("conversation must be a conversation id.")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise FrameError("not_found", NOT_FOUND) from None
+
+
+def _optional_str(frame: dict, name: str, limit: int) -> str | None:
+    value = frame.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise bad_request(f"{name} must be a string.")
+    if len(value) > limit:
+        raise FrameError("too_large", f"{name} is limited to {limit} characters.")
+    return value
+
+
+def _options(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request("options must be an object.")
+    options = {}
+    for name, (kind, low, high) in OPTION_RANGES.items():
+        option = value.get(name)
+        if option is None:
+            continue
+        if isinstance(option, bool) or not isinstance(option, (int, float)):
+            raise bad_request(f"options.{name} must be a number.")
+        if kind is int and not float(option).is_integer():
+            raise bad_request(f"options.{name} must be a whole number.")
+        if not low <= option <= high:
+            raise bad_request(f"options.{name} must be between {low} and {high}.")
+        options[name] = kind(option)
+    return options
+
+
+async def _allow_send(user_id: int) -> bool:
+    key = f"chat-sends:{user_id}"
+    # One counter per user per minute, shared by every process when the
+    # cache is Redis.
+    if await cache.aadd(key, 1, timeout=60):
+        return True
+    try:
+        return await cache.aincr(key) <= settings.CHAT_RATE_LIMIT
+    except ValueError:  # expired between add and incr
+        await cache.aset(key, 1, timeout=60)
+        return True
+
+
+@database_sync_to_async
+def _begin_send(user, conversation_id, content, model, system, options, default_model):
+    """The conversation (created when the id is None), whether it is new or
+    its settings changed, the saved user message and the reply row."""
+    changed = []
+    if conversation_id is None:
+        conversation = Conversation.objects.create(
+            owner=user,
+            model=model or default_model,
+            system_prompt=system or "",
+            options=options or {},
+        )
+        created = True
+    else:
+        conversation = Conversation.objects.for_user(user).get(pk=conversation_id)
+        created = False
+        for field, value in (("model", model), ("system_prompt", system), ("options", options)):
+            if value is not None and getattr(conversation, field) != value:
+                setattr(conversation, field, value)
+                changed.append(field)
+        if changed:
+            conversation.save(update_fields=changed)
+    if not conversation.model:
+        conversation.model = default_model
+        conversation.save(update_fields=["model"])
+    user_message, reply, _ = conversation.start_turn(
+        content, conversation.model, conversation.options
+    )
+    return conversation, created, bool(changed), user_message, reply
+
+
+_swept = False
+
+
+async def _interrupt_orphans_once() -> None:
+    """Replies left streaming by a process that died: the first socket of a
+    process clears them up, whatever server runs us."""
+    global _swept
+    if not _swept:
+        _swept = True
+        await database_sync_to_async(Message.objects.interrupt_orphans)()

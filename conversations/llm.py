@@ -1,0 +1,228 @@
+"""The only code that talks to the model server (Ollama, llama.cpp, vLLM,
+LM Studio, OpenAI: anything that speaks OpenAI chat completions)."""
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2 as httpx  # the HTTP library openai 3 is built on
+import openai
+from django.conf import settings
+
+OPTION_NAMES = ("temperature", "top_p", "max_tokens", "seed")
+
+
+class LLMError(Exception):
+    """Anything that went wrong with the model server, with a protocol code:
+    upstream_unavailable, model_not_found, upstream_error or timeout."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Delta:
+    content: str = ""
+    reasoning: str = ""
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+def _client(read_timeout: float | None = None) -> openai.AsyncOpenAI:
+    timeout = openai.Timeout(
+        connect=settings.LLM_CONNECT_TIMEOUT,
+        read=read_timeout or settings.LLM_READ_TIMEOUT,
+        write=10.0,
+        pool=10.0,
+    )
+    # Retries would only hide a dead server from the user for longer.
+    return openai.AsyncOpenAI(
+        base_url=settings.LLM_BASE_URL,
+        api_key=settings.LLM_API_KEY,
+        timeout=timeout,
+        max_retries=0,
+    )
+
+
+def _as_llm_error(exc: BaseException) -> LLMError:
+    if isinstance(exc, LLMError):
+        return exc
+    if isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException)):
+        return LLMError("timeout", "The model server took too long to answer.")
+    if isinstance(exc, (openai.APIConnectionError, httpx.ConnectError)):
+        return LLMError(
+            "upstream_unavailable", f"Cannot reach the model server at {settings.LLM_BASE_URL}."
+        )
+    if isinstance(exc, openai.NotFoundError):
+        return LLMError("model_not_found", _status_message(exc, "The model was not found."))
+    if isinstance(exc, openai.APIStatusError):
+        return LLMError(
+            "upstream_error",
+            _status_message(exc, f"The model server answered HTTP {exc.status_code}."),
+        )
+    if isinstance(exc, (httpx.HTTPError, openai.APIError)):
+        return LLMError("upstream_error", f"The model server broke off the answer ({exc}).")
+    if isinstance(exc, (ValueError, KeyError, TypeError, AttributeError)):
+        return LLMError("upstream_error", "The model server sent something that is not a chunk.")
+    return LLMError("upstream_error", str(exc) or exc.__class__.__name__)
+
+
+def _status_message(exc: openai.APIStatusError, fallback: str) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        detail = body.get("error", body)
+        if isinstance(detail, dict) and detail.get("message"):
+            return str(detail["message"])
+        if isinstance(detail, str):
+            return detail
+    return fallback
+
+
+_models_cache: tuple[float, list[str]] | None = None
+
+
+async def list_models() -> list[str]:
+    """Model ids the server offers, cached for a few seconds so that every
+    new socket does not cost a round trip."""
+    global _models_cache
+    now = time.monotonic()
+    if _models_cache and now - _models_cache[0] < settings.LLM_MODELS_CACHE_SECONDS:
+        return _models_cache[1]
+    try:
+        async with _client(read_timeout=5.0) as client:
+            page = await client.models.list()
+            models = sorted(m.id for m in page.data)
+    except Exception as exc:
+        raise _as_llm_error(exc) from exc
+    _models_cache = (now, models)
+    return models
+
+
+def forget_models() -> None:
+    global _models_cache
+    _models_cache = None
+
+
+async def default_model() -> str:
+    if settings.DEFAULT_MODEL:
+        return settings.DEFAULT_MODEL
+    try:
+        models = await list_models()
+    except LLMError:
+        return ""
+    return models[0] if models else ""
+
+
+class ThinkSplitter:
+    """Splits `<think>…</think>` out of streamed content, also when a tag is
+    cut across chunks: text that might be the start of a tag is held back
+    until the next chunk decides."""
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self) -> None:
+        self.thinking = False
+        self.held = ""
+        self.seen_text = False
+
+    def feed(self, text: str) -> Delta:
+        content, reasoning = [], []
+        text = self.held + text
+        self.held = ""
+        while text:
+            tag = self.CLOSE if self.thinking else self.OPEN
+            index = text.find(tag)
+            if index >= 0:
+                (reasoning if self.thinking else content).append(text[:index])
+                text = text[index + len(tag) :]
+                self.thinking = not self.thinking
+                continue
+            keep = _partial_suffix(text, tag)
+            body, self.held = text[: len(text) - keep], text[len(text) - keep :]
+            (reasoning if self.thinking else content).append(body)
+            break
+        answer = "".join(content)
+        # Models put a blank line after </think>; it is not part of the answer.
+        if not self.seen_text:
+            answer = answer.lstrip()
+            self.seen_text = bool(answer)
+        return Delta(content=answer, reasoning="".join(reasoning))
+
+    def flush(self) -> Delta:
+        held, self.held = self.held, ""
+        return Delta(reasoning=held) if self.thinking else Delta(content=held)
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-size:]):
+            return size
+    return 0
+
+
+def _reasoning_of(delta: Any) -> str:
+    extra = getattr(delta, "model_extra", None) or {}
+    value = extra.get("reasoning_content") or extra.get("reasoning")
+    if value is None:
+        value = getattr(delta, "reasoning_content", None) or getattr(delta, "reasoning", None)
+    return value if isinstance(value, str) else ""
+
+
+async def stream_chat(
+    messages: list[dict[str, str]], model: str, options: dict[str, Any] | None = None
+) -> AsyncIterator[Delta | Usage]:
+    """Yield Delta pieces of the answer as they arrive, then one Usage.
+    Raises LLMError. Closing the generator closes the HTTP request, which
+    is how the model server learns that the user pressed Stop."""
+    params = {k: v for k, v in (options or {}).items() if k in OPTION_NAMES and v is not None}
+    splitter = ThinkSplitter()
+    chunks = 0
+    usage: Usage | None = None
+    finished = False
+    try:
+        async with _client() as client:
+            stream = await client.chat.completions.create(
+                model=model,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                **params,
+            )
+            async with stream:
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                    for choice in chunk.choices[:1]:
+                        finished = finished or choice.finish_reason is not None
+                        delta = choice.delta
+                        if delta is None:
+                            continue
+                        split = splitter.feed(delta.content or "")
+                        reasoning = _reasoning_of(delta) + split.reasoning
+                        if split.content or reasoning:
+                            chunks += 1
+                            yield Delta(content=split.content, reasoning=reasoning)
+    except GeneratorExit:
+        raise
+    except json.JSONDecodeError as exc:
+        raise LLMError("upstream_error", "The model server sent a malformed chunk.") from exc
+    except Exception as exc:
+        raise _as_llm_error(exc) from exc
+    if not finished:
+        # A connection closed cleanly mid-answer reads like a normal end;
+        # only the missing finish_reason tells them apart.
+        raise LLMError("upstream_error", "The model server ended the answer before finishing it.")
+    rest = splitter.flush()
+    if rest.content or rest.reasoning:
+        yield rest
+    # Servers that ignore include_usage still get a count: one chunk is
+    # one token for every server we know of.
+    yield usage or Usage(None, chunks or None)

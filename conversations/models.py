@@ -1,0 +1,263 @@
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import models, transaction
+from django.urls import reverse
+from django.utils import timezone
+
+TITLE_LENGTH = 80
+
+
+class ConversationQuerySet(models.QuerySet):
+    def for_user(self, user) -> "ConversationQuerySet":
+        if not user.is_authenticated:
+            return self.none()
+        return self.filter(owner=user)
+
+
+class Busy(Exception):
+    """A reply is already being written in this conversation."""
+
+
+class NothingToAnswer(Exception):
+    """Regenerate was asked of a conversation with no user message."""
+
+
+class Conversation(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
+    )
+    title = models.CharField(max_length=200, blank=True)
+    model = models.CharField(max_length=200, blank=True)
+    system_prompt = models.TextField(blank=True)
+    options = models.JSONField(default=dict, blank=True)
+    created = models.DateTimeField(default=timezone.now, editable=False)
+    updated = models.DateTimeField(default=timezone.now)
+
+    objects = ConversationQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-updated"]
+        indexes = [models.Index(fields=["owner", "-updated"], name="conversation_owner_list")]
+
+    def __str__(self) -> str:
+        return self.title or "New chat"
+
+    def get_absolute_url(self) -> str:
+        return reverse("conversation", args=[self.pk])
+
+    def as_frame(self) -> dict[str, Any]:
+        return {
+            "id": str(self.pk),
+            "title": str(self),
+            "model": self.model,
+            "system": self.system_prompt,
+            "created": self.created.isoformat(),
+            "updated": self.updated.isoformat(),
+        }
+
+    def visible_messages(self) -> models.QuerySet["Message"]:
+        return self.messages.filter(superseded=False).order_by("created", "pk")
+
+    def history(self, budget: int | None = None) -> list[dict[str, str]]:
+        """What the model is sent: the system prompt, then earlier user and
+        finished assistant messages, oldest dropped first to fit the budget
+        (in tokens, estimated at four characters each). Reasoning never goes
+        back to the model."""
+        budget = settings.CHAT_CONTEXT_BUDGET if budget is None else budget
+        turns = [
+            {"role": m.role, "content": m.content}
+            for m in self.visible_messages().filter(
+                models.Q(role=Message.Role.USER)
+                | models.Q(
+                    role=Message.Role.ASSISTANT,
+                    status__in=[Message.Status.COMPLETE, Message.Status.STOPPED],
+                )
+            )
+            if m.content
+        ]
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        used = sum(estimate_tokens(t["content"]) for t in system + turns)
+        # The newest turn always goes, even alone over budget: the model
+        # must see the question it is answering.
+        while len(turns) > 1 and used > budget:
+            used -= estimate_tokens(turns.pop(0)["content"])
+        # Chat templates expect the conversation to open with a user turn.
+        while len(turns) > 1 and turns[0]["role"] != Message.Role.USER:
+            turns.pop(0)
+        return system + turns
+
+    def title_from(self, content: str) -> str:
+        line = " ".join(content.split())
+        return line if len(line) <= TITLE_LENGTH else line[: TITLE_LENGTH - 1].rstrip() + "…"
+
+    def reply_in_progress(self) -> "Message | None":
+        return (
+            self.messages.filter(status__in=Message.LIVE_STATUSES, superseded=False)
+            .order_by("-created")
+            .first()
+        )
+
+    @transaction.atomic
+    def start_turn(
+        self, content: str | None, model: str, options: dict[str, Any]
+    ) -> tuple["Message | None", "Message", "Message | None"]:
+        """Save the user's message (if any) and the reply row that will be
+        streamed into, or raise Busy. Regenerating passes content=None: the
+        current last reply is marked superseded (and returned third) and a
+        new one written."""
+        # Locks the conversation row on Postgres; SQLite serialises the
+        # whole transaction (IMMEDIATE mode), so two sends cannot both pass.
+        Conversation.objects.select_for_update().filter(pk=self.pk).first()
+        live = self.reply_in_progress()
+        if live is not None and not live.is_stale():
+            raise Busy
+        if live is not None:
+            live.mark_interrupted()
+        user_message = superseded = None
+        if content is not None:
+            user_message = self.messages.create(
+                role=Message.Role.USER, content=content, status=Message.Status.COMPLETE
+            )
+        else:
+            visible = list(self.visible_messages().exclude(role=Message.Role.SYSTEM))
+            if not any(m.role == Message.Role.USER for m in visible):
+                raise NothingToAnswer
+            if visible[-1].role == Message.Role.ASSISTANT:
+                superseded = visible[-1]
+                superseded.superseded = True
+                superseded.save(update_fields=["superseded"])
+        reply = self.messages.create(
+            role=Message.Role.ASSISTANT,
+            status=Message.Status.STREAMING,
+            model=model,
+            options=options,
+        )
+        fields = ["updated"]
+        self.updated = timezone.now()
+        if not self.title and content:
+            self.title = self.title_from(content)
+            fields.append("title")
+        self.save(update_fields=fields)
+        return user_message, reply, superseded
+
+
+def estimate_tokens(text: str) -> int:
+    return len(text) // 4 + 1
+
+
+PROCESS_STARTED = timezone.now()
+
+
+class MessageQuerySet(models.QuerySet):
+    def interrupt_orphans(self) -> int:
+        """Replies left streaming by a process that died; called at start-up.
+        With the in-memory layer there is one process, so every live row
+        from before it started is an orphan. Processes that share Redis may
+        still be writing theirs: only rows whose writer stopped beating
+        count."""
+        if settings.REDIS_URL:
+            cutoff = timezone.now() - 3 * Message.HEARTBEAT
+        else:
+            cutoff = PROCESS_STARTED
+        return self.filter(status__in=Message.LIVE_STATUSES, updated__lte=cutoff).update(
+            status=Message.Status.INTERRUPTED,
+            error_code="interrupted",
+            error="The server restarted while this reply was being written.",
+        )
+
+
+class Message(models.Model):
+    class Role(models.TextChoices):
+        SYSTEM = "system"
+        USER = "user"
+        ASSISTANT = "assistant"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        STREAMING = "streaming"
+        COMPLETE = "complete"
+        STOPPED = "stopped"
+        ERROR = "error"
+        INTERRUPTED = "interrupted"
+
+    LIVE_STATUSES = [Status.PENDING, Status.STREAMING]
+    # A writer saves at least this often while it streams (see replies.py).
+    HEARTBEAT = timedelta(seconds=5)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="messages"
+    )
+    role = models.CharField(max_length=16, choices=Role.choices)
+    content = models.TextField(blank=True)
+    reasoning = models.TextField(blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
+    error_code = models.CharField(max_length=32, blank=True)
+    error = models.TextField(blank=True)
+    model = models.CharField(max_length=200, blank=True)
+    options = models.JSONField(default=dict, blank=True)
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    ttft_ms = models.PositiveIntegerField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    # The number of deltas this reply had sent when the row was last saved;
+    # clients use it to join a stream without gaps or repeats.
+    seq = models.PositiveIntegerField(default=0)
+    superseded = models.BooleanField(default=False)
+    created = models.DateTimeField(default=timezone.now, editable=False)
+    updated = models.DateTimeField(default=timezone.now)
+
+    objects = MessageQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["created", "pk"]
+        indexes = [models.Index(fields=["conversation", "created"], name="message_history")]
+
+    def __str__(self) -> str:
+        return f"{self.role}: {self.content[:60]}"
+
+    @property
+    def is_live(self) -> bool:
+        return self.status in self.LIVE_STATUSES
+
+    def is_stale(self) -> bool:
+        return self.is_live and self.updated < timezone.now() - 3 * self.HEARTBEAT
+
+    def mark_interrupted(self) -> None:
+        self.status = self.Status.INTERRUPTED
+        self.error_code = "interrupted"
+        self.error = "The server stopped while this reply was being written."
+        self.save(update_fields=["status", "error_code", "error"])
+
+    def usage(self) -> dict[str, int | None]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
+    def timing(self) -> dict[str, float | int | None]:
+        rate = None
+        if self.completion_tokens and self.duration_ms and self.ttft_ms is not None:
+            generating = max(self.duration_ms - self.ttft_ms, 1)
+            rate = round(self.completion_tokens * 1000 / generating, 1)
+        return {"ttft_ms": self.ttft_ms, "duration_ms": self.duration_ms, "tokens_per_s": rate}
+
+    def as_frame(self) -> dict[str, Any]:
+        frame: dict[str, Any] = {
+            "id": str(self.pk),
+            "role": self.role,
+            "content": self.content,
+            "reasoning": self.reasoning,
+            "status": self.status,
+            "model": self.model,
+            "created": self.created.isoformat(),
+            "seq": self.seq,
+            "superseded": self.superseded,
+        }
+        if self.role == self.Role.ASSISTANT:
+            frame["usage"] = self.usage()
+            frame["timing"] = self.timing()
+            if self.error_code:
+                frame["error"] = {"code": self.error_code, "message": self.error}
+        return frame

@@ -1,0 +1,416 @@
+"""Fake OpenAI-compatible chat-completions server for tests (standard library only).
+
+Behaviour is chosen by the model name, so several processes can share one server
+without shared state: ``BASE[:key=value,...]``, e.g. ``fake:n=5000,delay=0`` or
+``fake:fault=cut,after=5``. See ``parse_model`` for the keys.
+
+Run standalone with ``python tests/fake_llm.py --port 8911``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+MODELS = ("fake", "fake-slow", "fake-think", "fake-reasoning-field", "fake-long")
+_DEFAULTS = {"fake-slow": (40, 0.15), "fake-long": (300, 0.005)}  # base -> (n, delay)
+_REASONING = [f"r{i}" for i in range(1, 7)]
+_HEAD = {"id": "chatcmpl-fake", "created": 0}
+# Longer than httpx's keep-alive expiry, so an idle client always hangs up first.
+_IDLE_TIMEOUT = 60.0
+_MAX_REQUESTS_PER_CONN = 10_000
+
+
+@dataclass
+class Spec:
+    base: str
+    n: int
+    delay: float
+    ttft: float = 0.0
+    fault: str | None = None  # 500 | cut | malformed | stall | html
+    after: int = 3  # chunks sent before a cut/malformed/stall fault
+    stall: float = 30.0
+    echo: str | None = None  # "1" (words) | "raw" (5-character chunks)
+
+
+def parse_model(model: str) -> Spec:
+    """Raise LookupError for an unknown base name, ValueError for bad parameters."""
+    base, _, params = model.partition(":")
+    if not base.startswith("fake"):
+        raise LookupError(model)
+    n, delay = _DEFAULTS.get(base, (12, 0.01))
+    spec = Spec(base, n, delay)
+    for item in filter(None, params.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in Spec.__dataclass_fields__ or key == "base":
+            raise ValueError(f"bad model parameter {item!r}")
+        if key in ("n", "after"):
+            setattr(spec, key, int(value))
+        elif key in ("delay", "ttft", "stall"):
+            setattr(spec, key, float(value))
+        else:
+            setattr(spec, key, value)
+    return spec
+
+
+def _text(content: Any) -> str:
+    # Content may be a plain string or a list of OpenAI content parts.
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+def _words(words: list[str]) -> list[str]:
+    return [w + " " for w in words[:-1]] + words[-1:]
+
+
+def tokens_for(
+    model: str, messages: list[dict] | None = None, max_tokens: int | None = None
+) -> list[str]:
+    """The content tokens the server streams for this model (reasoning excluded)."""
+    spec = parse_model(model)
+    if spec.echo:
+        users = [m for m in messages or [] if m.get("role") == "user"]
+        last = _text(users[-1].get("content")) if users else ""
+        if spec.echo == "raw":
+            tokens = [last[i : i + 5] for i in range(0, len(last), 5)]
+        else:
+            tokens = _words(last.split())
+    else:
+        tokens = _words([f"w{i}" for i in range(1, spec.n + 1)])
+    return tokens[:max_tokens] if max_tokens is not None else tokens
+
+
+def expected_text(model: str, messages: list[dict] | None = None) -> str:
+    return "".join(tokens_for(model, messages))
+
+
+def reasoning_for(model: str) -> str:
+    base = parse_model(model).base
+    reasons = base in ("fake-think", "fake-reasoning-field")
+    return " ".join(_REASONING) if reasons else ""
+
+
+@dataclass
+class _Reply:
+    model: str
+    body: dict
+    spec: Spec
+    deltas: list[dict]  # one per chunk that carries content or reasoning
+    finish: str
+
+
+def _plan(body: dict) -> _Reply:
+    model = str(body.get("model", ""))
+    spec = parse_model(model)
+    tokens = tokens_for(model, body.get("messages"))
+    limit, finish = body.get("max_tokens"), "stop"
+    if isinstance(limit, int) and limit < len(tokens):
+        tokens, finish = tokens[:limit], "length"
+    deltas = [{"content": t} for t in tokens]
+    r = _words(_REASONING)
+    if spec.base == "fake-think":
+        # Tags split across chunk boundaries so the client's splitter must buffer.
+        think = ["<th", "ink>" + r[0], *r[1:-1], r[-1] + "</th", "ink>"]
+        if deltas:
+            think[-1] += deltas.pop(0)["content"]
+        deltas = [{"content": t} for t in think] + deltas
+    elif spec.base == "fake-reasoning-field":
+        fields = ("reasoning_content", "reasoning")  # vLLM vs Ollama spelling
+        deltas = [{fields[i % 2]: t} for i, t in enumerate(r)] + deltas
+    return _Reply(model, body, spec, deltas, finish)
+
+
+def _chunk(model: str, delta: dict, finish: str | None = None) -> dict:
+    choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+    return {
+        **_HEAD,
+        "object": "chat.completion.chunk",
+        "model": model,
+        "choices": choices,
+    }
+
+
+def _usage(body: dict, completion: int) -> dict:
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    p = sum(len(_text(m.get("content")).split()) for m in messages)
+    return {
+        "prompt_tokens": p,
+        "completion_tokens": completion,
+        "total_tokens": p + completion,
+    }
+
+
+def _error(message: str, type_: str, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "code": code}}
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class FakeLLM:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host, self.port = host, port
+        self.requests: list[dict] = []
+        self.cancelled = 0
+        self.completed = 0
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._conns: set[asyncio.Task] = set()
+        self._startup_error: OSError | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> FakeLLM:
+        self._thread = threading.Thread(target=self._run, name="fake-llm", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("fake LLM server did not start")
+        if self._startup_error:
+            raise self._startup_error
+        return self
+
+    def stop(self) -> None:
+        if self._loop and self._stop and self._thread and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(5)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.cancelled = self.completed = 0
+
+    def wait_cancelled(self, n: int = 1, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.cancelled < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.cancelled >= n
+
+    def _count(self, attr: str) -> None:
+        with self._lock:
+            setattr(self, attr, getattr(self, attr) + 1)
+
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._loop.run_until_complete(self._serve())
+        except OSError as exc:  # e.g. port in use: start() re-raises it
+            self._startup_error = exc
+            self._ready.set()
+        finally:
+            self._loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        await self._stop.wait()
+        server.close()
+        # Python 3.11's Server.close() leaves open connections alone, so end them here.
+        for task in list(self._conns):
+            task.cancel()
+        if self._conns:
+            await asyncio.wait(list(self._conns), timeout=2)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        try:
+            for _ in range(_MAX_REQUESTS_PER_CONN):
+                request = await _read_request(reader)
+                if request is None or not await self._respond(reader, writer, request):
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # client went away, or the server is stopping
+        except Exception:
+            traceback.print_exc()
+        finally:
+            self._conns.discard(task)
+            writer.close()
+
+    async def _respond(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: tuple
+    ) -> bool:
+        """Answer one request; return whether the connection may be reused."""
+        method, path, raw = req
+        path = path.split("?", 1)[0].rstrip("/")
+        if method == "GET" and path == "/v1/models":
+            info = {"object": "model", "created": 0, "owned_by": "fake"}
+            data = [{"id": m, **info} for m in MODELS]
+            return await _send(writer, 200, {"object": "list", "data": data})
+        if method != "POST" or path != "/v1/chat/completions":
+            error = _error("not found", "invalid_request_error")
+            return await _send(writer, 404, error)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return await _send(writer, 400, _error("bad JSON", "invalid_request_error"))
+        if isinstance(body, dict):
+            with self._lock:
+                self.requests.append(body)
+        try:
+            reply = _plan(body)
+        except LookupError:
+            msg = f'model "{body.get("model")}" not found, try pulling it first'
+            error = _error(msg, "not_found_error", "model_not_found")
+            return await _send(writer, 404, error)
+        except (ValueError, TypeError, AttributeError) as exc:
+            return await _send(writer, 400, _error(str(exc), "invalid_request_error"))
+        spec, stream = reply.spec, bool(body.get("stream"))
+        if spec.ttft and await _sleep_or_eof(reader, spec.ttft):
+            if stream:
+                self._count("cancelled")
+            return False
+        if spec.fault == "500":
+            error = _error("fake internal error", "server_error")
+            return await _send(writer, 500, error)
+        if spec.fault == "html":
+            return await _send(writer, 200, b"<html>oops</html>", "text/html")
+        if not stream:
+            return await self._complete(reader, writer, reply)
+        try:
+            await self._stream(reader, writer, reply)
+        except (ConnectionError, _ClientGone):
+            self._count("cancelled")
+            return False
+        return spec.fault is None
+
+    async def _complete(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: _Reply
+    ) -> bool:
+        spec, deltas = reply.spec, reply.deltas
+        if spec.fault in ("cut", "stall"):
+            if spec.fault == "stall":
+                await _sleep_or_eof(reader, spec.stall)
+            return False  # hang up without a response
+        if spec.fault == "malformed":
+            return await _send(writer, 200, b"{this is not json")
+        text = "".join(d.get("content", "") for d in deltas)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        fields = ("reasoning_content", "reasoning")
+        if reasoning := "".join(d.get(f, "") for d in deltas for f in fields):
+            message["reasoning_content"] = reasoning
+        result = {
+            **_HEAD,
+            "object": "chat.completion",
+            "model": reply.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": reply.finish}],
+            "usage": _usage(reply.body, len(deltas)),
+        }
+        return await _send(writer, 200, result)
+
+    async def _stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: _Reply
+    ) -> None:
+        """Raise _ClientGone or ConnectionError if the client leaves early."""
+        model, spec = reply.model, reply.spec
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        await writer.drain()
+        events = [_chunk(model, d) for d in reply.deltas]
+        events.append(_chunk(model, {}, reply.finish))
+        first = events[0]["choices"][0]
+        first["delta"] = {"role": "assistant", **first["delta"]}
+        if (reply.body.get("stream_options") or {}).get("include_usage"):
+            usage = _usage(reply.body, len(reply.deltas))
+            events.append({**_chunk(model, {}), "choices": [], "usage": usage})
+        # Clamped so the fault fires even when `after` exceeds the content length.
+        faulty = spec.fault in ("cut", "malformed", "stall")
+        fault_at = min(spec.after, len(reply.deltas)) if faulty else -1
+        for i, event in enumerate(events):
+            if i == fault_at:
+                if spec.fault == "malformed":
+                    await _send_event(writer, b"data: {this is not json\n\n")
+                    break
+                if spec.fault == "stall" and await _sleep_or_eof(reader, spec.stall):
+                    raise _ClientGone
+                return  # the caller hangs up: chunked body left unfinished
+            if i and spec.delay and await _sleep_or_eof(reader, spec.delay):
+                raise _ClientGone
+            if reader.at_eof():
+                raise _ClientGone
+            await _send_event(writer, b"data: %s\n\n" % json.dumps(event).encode())
+        await _send_event(writer, b"data: [DONE]\n\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        self._count("completed")
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes] | None:
+    try:
+        line = await asyncio.wait_for(reader.readline(), _IDLE_TIMEOUT)
+    except TimeoutError:
+        return None
+    if not line.strip():
+        return None
+    method, path, _ = line.decode("latin-1").split(" ", 2)
+    headers: dict[str, str] = {}
+    for _ in range(200):
+        header = await reader.readline()
+        if header in (b"\r\n", b"\n", b""):
+            break
+        key, _, value = header.decode("latin-1").partition(":")
+        headers[key.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return method, path, body
+
+
+async def _send(
+    writer: asyncio.StreamWriter, status: int, body: dict | bytes, ctype: str = ""
+) -> bool:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    ctype = ctype or "application/json"
+    head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: {ctype}\r\n"
+    head += f"Content-Length: {len(data)}\r\n\r\n"
+    writer.write(head.encode() + data)
+    await writer.drain()
+    return True
+
+
+async def _send_event(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+    await writer.drain()
+
+
+async def _sleep_or_eof(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """Sleep, but wake early and return True if the client hangs up meanwhile."""
+    # Clients send nothing while a response is pending, so reading only ever sees EOF.
+    try:
+        return await asyncio.wait_for(reader.read(1), seconds) == b""
+    except TimeoutError:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8911)
+    args = parser.parse_args()
+    fake = FakeLLM(args.host, args.port).start()
+    print(f"listening {fake.base_url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        fake.stop()
+
+
+if __name__ == "__main__":
+    main()
