@@ -245,7 +245,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             )
 
     async def broadcast(self, conversation_id: Any, frame: dict, skip_self: bool = False) -> None:
-        event = {"type": "chat.event", "frame": frame}
+        event = {"type": "chat.event", "conversation": str(conversation_id), "frame": frame}
         if skip_self:
             event["skip"] = self.channel_name
         await self.channel_layer.group_send(replies.conversation_group(conversation_id), event)
@@ -272,8 +272,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         frame = event["frame"]
         if event.get("skip") == self.channel_name:
             return
-        conversation_id = frame.get("conversation")
-        if frame["type"] != "error" and conversation_id not in self.subscriptions:
+        conversation_id = event.get("conversation")
+        if conversation_id is not None and conversation_id not in self.subscriptions:
             return  # arrived after an unsubscribe
         if frame["type"] == "start":
             self.held[frame["message"]] = 0

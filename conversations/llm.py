@@ -186,7 +186,7 @@ async def stream_chat(
     splitter = ThinkSplitter()
     chunks = 0
     usage: Usage | None = None
-    finished = False
+    finished = started = False
     try:
         async with _client() as client:
             stream = await client.chat.completions.create(
@@ -196,6 +196,7 @@ async def stream_chat(
                 stream_options={"include_usage": True},
                 **params,
             )
+            started = True
             async with stream:
                 async for chunk in stream:
                     if chunk.usage is not None:
@@ -215,7 +216,11 @@ async def stream_chat(
     except json.JSONDecodeError as exc:
         raise LLMError("upstream_error", "The model server sent a malformed chunk.") from exc
     except Exception as exc:
-        raise _as_llm_error(exc) from exc
+        error = _as_llm_error(exc)
+        if started and error.code == "upstream_unavailable":
+            # The server answered, then the connection dropped mid-answer.
+            error = LLMError("upstream_error", "The model server broke off the answer.")
+        raise error from exc
     if not finished:
         # A connection closed cleanly mid-answer reads like a normal end;
         # only the missing finish_reason tells them apart.

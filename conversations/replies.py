@@ -265,4 +265,5 @@ class Reply:
             )
 
     async def _broadcast(self, frame: dict[str, Any]) -> None:
-        await self.layer.group_send(self.group, {"type": "chat.event", "frame": frame})
+        event = {"type": "chat.event", "conversation": self.conversation_id, "frame": frame}
+        await self.layer.group_send(self.group, event)

@@ -1,0 +1,502 @@
+"""The WebSocket protocol v1, driven through WebsocketCommunicator against
+the fake model server over real HTTP."""
+
+import asyncio
+import json
+
+import pytest
+from channels.testing import WebsocketCommunicator
+
+from chatsite.asgi import application
+from conversations.models import Conversation, Message
+from tests.conftest import chat_socket, finish_replies, receive_until, streamed_text
+from tests.fake_llm import expected_text, reasoning_for, tokens_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def send(communicator, content="Hello there", conversation=None, **fields) -> dict:
+    frame = {"type": "send", "id": "r1", "conversation": conversation, "content": content}
+    await communicator.send_json_to({**frame, **fields})
+    first = await communicator.receive_json_from(timeout=10)
+    return first
+
+
+async def new_conversation(communicator, model="fake", content="Hello there") -> str:
+    """Sends a first message and waits for the reply to end; the id."""
+    first = await send(communicator, content, model=model)
+    assert first["type"] == "conversation", first
+    await receive_until(communicator, "end")
+    return first["conversation"]["id"]
+
+
+async def test_ready_frame_lists_models_and_default(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        ready = ws.ready
+    assert ready == {
+        "type": "ready",
+        "user": "alice",
+        "protocol": 1,
+        "models": sorted(["fake", "fake-slow", "fake-think", "fake-reasoning-field", "fake-long"]),
+        "default_model": "fake",
+        "llm": "ok",
+    }
+
+
+async def test_ready_says_unavailable_when_model_server_is_down(alice):
+    async with chat_socket(alice) as ws:
+        assert ws.ready["llm"] == "unavailable"
+        assert ws.ready["models"] == []
+
+
+async def test_anonymous_socket_is_refused_at_handshake(db):
+    communicator = WebsocketCommunicator(application, "/ws/chat/")
+    connected, _ = await communicator.connect()
+    assert not connected
+    assert await communicator.receive_nothing()
+    await communicator.disconnect()
+
+
+async def test_send_creates_conversation_saves_and_streams_reply(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        first = await send(ws, "What is up?", model="fake")
+        assert first["type"] == "conversation" and first["id"] == "r1"
+        conversation_id = first["conversation"]["id"]
+        assert first["conversation"]["title"] == "What is up?"
+        user_frame = await ws.receive_json_from(timeout=5)
+        assert user_frame["type"] == "message" and user_frame["id"] == "r1"
+        assert user_frame["message"]["role"] == "user"
+        assert user_frame["message"]["content"] == "What is up?"
+        frames = await receive_until(ws, "end")
+    start, *deltas, end = frames
+    assert start == {
+        "type": "start",
+        "conversation": conversation_id,
+        "message": start["message"],
+        "model": "fake",
+    }
+    assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+    assert streamed_text(frames) == expected_text("fake")
+    assert end["status"] == "complete"
+    assert end["usage"]["completion_tokens"] == 12
+    assert end["usage"]["prompt_tokens"] > 0
+    assert end["timing"]["duration_ms"] >= end["timing"]["ttft_ms"] >= 0
+    reply = await Message.objects.aget(pk=start["message"])
+    assert reply.content == expected_text("fake")
+    assert reply.status == "complete"
+    assert reply.seq == len(deltas)
+    assert reply.completion_tokens == 12
+
+
+async def test_first_token_is_sent_at_once_then_deltas_are_coalesced(alice, fake_llm, settings):
+    settings.CHAT_COALESCE_MS = 200
+    async with chat_socket(alice) as ws:
+        await send(ws, "hi", model="fake:n=30,delay=0.01")
+        await ws.receive_json_from()  # the user message
+        frames = await receive_until(ws, "end")
+    deltas = [f for f in frames if f["type"] == "delta"]
+    # 30 tokens 10 ms apart in 200 ms windows: the first alone, then batches.
+    assert deltas[0]["content"] == "w1 "
+    assert 2 <= len(deltas) <= 6
+    assert streamed_text(frames) == expected_text("fake:n=30")
+
+
+async def test_reasoning_is_streamed_and_kept_apart_from_the_answer(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        await send(ws, "think", model="fake-think")
+        await ws.receive_json_from()
+        frames = await receive_until(ws, "end")
+    assert streamed_text(frames) == expected_text("fake-think")
+    assert streamed_text(frames, "reasoning") == reasoning_for("fake-think")
+    reply = await Message.objects.aget(pk=frames[0]["message"])
+    assert reply.reasoning == reasoning_for("fake-think")
+    assert "<think>" not in reply.content and "r1" not in reply.content
+
+
+async def test_reasoning_never_goes_back_to_the_model(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        conversation_id = await new_conversation(ws, model="fake-think")
+        await send(ws, "again", conversation=conversation_id)
+        await receive_until(ws, "end")
+    sent = fake_llm.requests[-1]["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+    assert sent[1]["content"] == expected_text("fake-think")
+    assert all("r1" not in m["content"] for m in sent)
+
+
+async def test_history_sends_system_prompt_and_earlier_turns(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        first = await send(ws, "one", model="fake", system="Be brief.")
+        conversation_id = first["conversation"]["id"]
+        await receive_until(ws, "end")
+        await send(ws, "two", conversation=conversation_id)
+        await receive_until(ws, "end")
+    assert fake_llm.requests[-1]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": expected_text("fake")},
+        {"role": "user", "content": "two"},
+    ]
+
+
+async def test_options_are_saved_and_sent_to_the_model(alice, fake_llm):
+    options = {"temperature": 0.2, "top_p": 0.9, "max_tokens": 5, "seed": 7}
+    async with chat_socket(alice) as ws:
+        await send(ws, "hi", model="fake", options=options)
+        await ws.receive_json_from()
+        frames = await receive_until(ws, "end")
+    body = fake_llm.requests[-1]
+    assert {k: body[k] for k in options} == options
+    assert streamed_text(frames) == "".join(tokens_for("fake", max_tokens=5))
+    reply = await Message.objects.aget(pk=frames[0]["message"])
+    assert reply.options == options
+
+
+@pytest.mark.parametrize(
+    "frame, code",
+    [
+        ("not json", "bad_request"),
+        ("[1, 2]", "bad_request"),
+        ('"send"', "bad_request"),
+        ('{"type": "dance"}', "bad_request"),
+        ('{"no": "type"}', "bad_request"),
+        ('{"type": "send", "conversation": null}', "bad_request"),
+        ('{"type": "send", "conversation": null, "content": 5}', "bad_request"),
+        ('{"type": "send", "conversation": null, "content": "   "}', "bad_request"),
+        ('{"type": "send", "conversation": 12, "content": "hi"}', "bad_request"),
+        ('{"type": "send", "conversation": null, "content": "hi", "model": 3}', "bad_request"),
+        ('{"type": "send", "conversation": null, "content": "hi", "options": []}', "bad_request"),
+        (
+            '{"type": "send", "conversation": null, "content": "hi",'
+            ' "options": {"temperature": "hot"}}',
+            "bad_request",
+        ),
+        (
+            '{"type": "send", "conversation": null, "content": "hi", "options": {"max_tokens": 0}}',
+            "bad_request",
+        ),
+        ('{"type": "subscribe"}', "bad_request"),
+        ('{"type": "stop", "conversation": ["x"]}', "bad_request"),
+        ('{"type": "ping", "id": 12}', "bad_request"),
+        ('{"type": "ping", "id": "' + "x" * 65 + '"}', "bad_request"),
+    ],
+)
+async def test_bad_frames_get_an_error_and_the_socket_stays_usable(alice, fake_llm, frame, code):
+    async with chat_socket(alice) as ws:
+        await ws.send_to(text_data=frame)
+        error = await ws.receive_json_from()
+        assert error["type"] == "error" and error["code"] == code
+        assert error["message"]
+        await ws.send_json_to({"type": "ping", "id": "p"})
+        assert await ws.receive_json_from() == {"type": "pong", "id": "p"}
+    assert await Message.objects.acount() == 0
+    assert await Conversation.objects.acount() == 0
+
+
+async def test_unknown_fields_are_ignored(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        await ws.send_json_to({"type": "ping", "id": "p", "colour": "blue"})
+        assert await ws.receive_json_from() == {"type": "pong", "id": "p"}
+
+
+async def test_content_over_the_limit_is_too_large_and_nothing_is_saved(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        error = await send(ws, "x" * 32_001, model="fake")
+        assert error == {
+            "type": "error",
+            "code": "too_large",
+            "message": error["message"],
+            "id": "r1",
+        }
+        first = await send(ws, "x" * 32_000, model="fake")
+        assert first["type"] == "conversation"
+        await receive_until(ws, "end")
+    assert await Message.objects.filter(role="user").acount() == 1
+
+
+async def test_a_frame_over_the_size_limit_is_too_large(alice):
+    async with chat_socket(alice) as ws:
+        await ws.send_to(text_data=json.dumps({"type": "ping", "pad": "x" * 300_000}))
+        assert (await ws.receive_json_from())["code"] == "too_large"
+
+
+async def test_other_users_cannot_send_to_my_conversation(alice, bob, fake_llm):
+    async with chat_socket(alice) as ws:
+        conversation_id = await new_conversation(ws)
+    async with chat_socket(bob) as ws:
+        error = await send(ws, "let me in", conversation=conversation_id)
+        assert error["type"] == "error" and error["code"] == "not_found"
+        assert await ws.receive_nothing()
+    assert await Message.objects.acount() == 2
+    assert len(fake_llm.requests) == 1
+
+
+@pytest.mark.parametrize("frame_type", ["subscribe", "stop", "regenerate", "unsubscribe"])
+async def test_other_users_cannot_touch_my_conversation(alice, bob, fake_llm, frame_type):
+    async with chat_socket(alice) as ws:
+        conversation_id = await new_conversation(ws)
+    async with chat_socket(bob) as ws:
+        await ws.send_json_to({"type": frame_type, "id": "x", "conversation": conversation_id})
+        if frame_type == "unsubscribe":
+            # Unsubscribing from what one never had is a no-op, not a leak.
+            assert await ws.receive_nothing()
+        else:
+            error = await ws.receive_json_from()
+            assert error == {
+                "type": "error",
+                "code": "not_found",
+                "message": error["message"],
+                "id": "x",
+            }
+            assert await ws.receive_nothing()
+    assert await Message.objects.acount() == 2
+
+
+async def test_a_conversation_that_does_not_exist_is_not_found(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        for conversation in ["0b8f2c36-7d7e-4c4e-9d55-2d8c2f1a0c11", "not-a-uuid"]:
+            error = await send(ws, "hi", conversation=conversation)
+            assert error["code"] == "not_found"
+    assert await Message.objects.acount() == 0
+
+
+async def test_second_send_while_replying_is_busy(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        first = await send(ws, "hi", model="fake-slow")
+        conversation_id = first["conversation"]["id"]
+        await receive_until(ws, "delta")
+        await ws.send_json_to(
+            {"type": "send", "id": "r2", "conversation": conversation_id, "content": "more"}
+        )
+        frames = await receive_until(ws, "error")
+        assert frames[-1]["code"] == "busy" and frames[-1]["id"] == "r2"
+        await ws.send_json_to({"type": "stop", "conversation": conversation_id})
+        await receive_until(ws, "end")
+    assert await Message.objects.filter(content="more").acount() == 0
+
+
+async def test_stop_keeps_the_text_so_far_and_cancels_the_model_request(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        first = await send(ws, "hi", model="fake-slow")
+        conversation_id = first["conversation"]["id"]
+        await ws.receive_json_from()
+        frames = await receive_until(ws, "delta")
+        frames += await receive_until(ws, "delta")
+        await ws.send_json_to({"type": "stop", "conversation": conversation_id})
+        frames += await receive_until(ws, "end")
+    end = frames[-1]
+    assert end["status"] == "stopped"
+    reply = await Message.objects.aget(pk=end["message"])
+    assert reply.status == "stopped"
+    assert reply.content == streamed_text(frames)
+    assert 0 < len(reply.content) < len(expected_text("fake-slow"))
+    assert await asyncio.to_thread(fake_llm.wait_cancelled)
+
+
+async def test_stopped_replies_stay_in_the_history(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        first = await send(ws, "hi", model="fake-slow")
+        conversation_id = first["conversation"]["id"]
+        await receive_until(ws, "delta")
+        await ws.send_json_to({"type": "stop", "conversation": conversation_id})
+        frames = await receive_until(ws, "end")
+        reply = await Message.objects.aget(pk=frames[-1]["message"])
+        await send(ws, "next", conversation=conversation_id, model="fake")
+        await receive_until(ws, "end")
+    sent = fake_llm.requests[-1]["messages"]
+    assert sent[1] == {"role": "assistant", "content": reply.content}
+
+
+async def test_closing_the_socket_mid_reply_still_saves_the_whole_reply(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        await send(ws, "hi", model="fake:n=40,delay=0.02")
+        frames = await receive_until(ws, "delta")
+    reply = await Message.objects.aget(pk=frames[-2]["message"])
+    assert reply.status == "streaming"
+    await finish_replies()
+    await reply.arefresh_from_db()
+    assert reply.status == "complete"
+    assert reply.content == expected_text("fake:n=40")
+
+
+async def test_reply_text_is_saved_while_streaming_not_per_token(alice, fake_llm, settings):
+    settings.CHAT_SAVE_INTERVAL = 0.3
+    async with chat_socket(alice) as ws:
+        await send(ws, "hi", model="fake:n=60,delay=0.02")
+        await ws.receive_json_from()
+        start = await ws.receive_json_from()
+        await asyncio.sleep(0.8)
+        reply = await Message.objects.aget(pk=start["message"])
+        # Part of the text is already in the database mid-reply.
+        assert reply.status == "streaming"
+        assert reply.content and reply.content != expected_text("fake:n=60")
+        assert expected_text("fake:n=60").startswith(reply.content)
+        await receive_until(ws, "end")
+
+
+async def test_subscribe_replays_messages_oldest_first(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        conversation_id = await new_conversation(ws, content="first")
+        await send(ws, "second", conversation=conversation_id)
+        await receive_until(ws, "end")
+    async with chat_socket(alice) as ws:
+        await ws.send_json_to({"type": "subscribe", "id": "s", "conversation": conversation_id})
+        conversation = await ws.receive_json_from()
+        assert conversation["type"] == "conversation" and conversation["id"] == "s"
+        assert conversation["conversation"]["id"] == conversation_id
+        messages = [await ws.receive_json_from() for _ in range(4)]
+        assert await ws.receive_nothing()
+    assert [m["message"]["role"] for m in messages] == ["user", "assistant"] * 2
+    assert [m["message"]["content"] for m in messages[::2]] == ["first", "second"]
+    reply = messages[1]["message"]
+    assert reply["status"] == "complete" and reply["content"] == expected_text("fake")
+    assert reply["seq"] >= 1 and reply["usage"]["completion_tokens"] == 12
+    assert set(reply["timing"]) == {"ttft_ms", "duration_ms", "tokens_per_s"}
+
+
+async def test_joining_mid_reply_gets_text_so_far_then_every_later_delta(alice, fake_llm):
+    model = "fake:n=60,delay=0.02"
+    async with chat_socket(alice) as writer, chat_socket(alice) as reader:
+        first = await send(writer, "hi", model=model)
+        conversation_id = first["conversation"]["id"]
+        await receive_until(writer, "delta")
+        await asyncio.sleep(0.3)
+        await reader.send_json_to({"type": "subscribe", "conversation": conversation_id})
+        frames = await receive_until(reader, "end")
+        await receive_until(writer, "end")
+    snapshot = [f for f in frames if f["type"] == "message"][-1]["message"]
+    assert snapshot["status"] == "streaming" and snapshot["seq"] > 0
+    later = [f for f in frames if f["type"] == "delta"]
+    assert [d["seq"] for d in later] == list(range(snapshot["seq"] + 1, later[-1]["seq"] + 1))
+    assert snapshot["content"] + streamed_text(frames) == expected_text(model)
+
+
+async def test_other_tabs_see_the_same_stream_and_the_user_message(alice, fake_llm):
+    async with chat_socket(alice) as tab1, chat_socket(alice) as tab2:
+        conversation_id = await new_conversation(tab1)
+        await tab2.send_json_to({"type": "subscribe", "conversation": conversation_id})
+        await receive_until(tab2, "message")
+        await receive_until(tab2, "message")
+        await send(tab1, "second", conversation=conversation_id)
+        frames1 = await receive_until(tab1, "end")
+        frames2 = await receive_until(tab2, "end")
+    assert frames2[0]["type"] == "message" and frames2[0]["message"]["content"] == "second"
+    assert "id" not in frames2[0]
+    assert [f for f in frames2[1:]] == frames1
+
+
+async def test_unsubscribe_stops_live_events(alice, fake_llm):
+    async with chat_socket(alice) as tab1, chat_socket(alice) as tab2:
+        conversation_id = await new_conversation(tab1)
+        await tab2.send_json_to({"type": "subscribe", "conversation": conversation_id})
+        await receive_until(tab2, "message")
+        await receive_until(tab2, "message")
+        await tab2.send_json_to({"type": "unsubscribe", "conversation": conversation_id})
+        await send(tab1, "second", conversation=conversation_id)
+        await receive_until(tab1, "end")
+        assert await tab2.receive_nothing(timeout=0.3)
+
+
+async def test_regenerate_replaces_the_last_reply_and_keeps_the_old_one(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        conversation_id = await new_conversation(ws)
+        old = await Message.objects.filter(role="assistant").aget()
+        await ws.send_json_to({"type": "regenerate", "conversation": conversation_id})
+        frames = await receive_until(ws, "end")
+    superseded = frames[0]
+    assert superseded["type"] == "message" and superseded["message"]["id"] == str(old.pk)
+    assert superseded["message"]["superseded"] is True
+    assert frames[-1]["status"] == "complete" and frames[-1]["message"] != str(old.pk)
+    await old.arefresh_from_db()
+    assert old.superseded
+    conversation = await Conversation.objects.aget(pk=conversation_id)
+    history = await asyncio.to_thread(conversation.history)
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    # The model was asked the same question again, without the old answer.
+    assert fake_llm.requests[-1]["messages"] == [{"role": "user", "content": "Hello there"}]
+
+
+async def test_regenerate_with_no_user_message_is_a_bad_request(alice, fake_llm):
+    conversation = await Conversation.objects.acreate(owner=alice, model="fake")
+    async with chat_socket(alice) as ws:
+        await ws.send_json_to({"type": "regenerate", "conversation": str(conversation.pk)})
+        assert (await ws.receive_json_from())["code"] == "bad_request"
+
+
+async def test_model_change_in_send_applies_to_the_next_reply(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        conversation_id = await new_conversation(ws, model="fake")
+        await send(ws, "again", conversation=conversation_id, model="fake-think")
+        frames = await receive_until(ws, "end")
+    update = next(f for f in frames if f["type"] == "conversation")
+    assert update["conversation"]["model"] == "fake-think"
+    start = next(f for f in frames if f["type"] == "start")
+    assert start["model"] == "fake-think"
+    assert fake_llm.requests[-1]["model"] == "fake-think"
+
+
+async def test_rate_limit(alice, fake_llm, settings):
+    settings.CHAT_RATE_LIMIT = 2
+    async with chat_socket(alice) as ws:
+        conversation_id = await new_conversation(ws)
+        await send(ws, "two", conversation=conversation_id)
+        await receive_until(ws, "end")
+        error = await send(ws, "three", conversation=conversation_id)
+    assert error["code"] == "rate_limited"
+    assert not await Message.objects.filter(content="three").aexists()
+
+
+async def test_refused_connection_is_upstream_unavailable_and_keeps_the_question(alice):
+    async with chat_socket(alice) as ws:
+        await send(ws, "anyone?", model="fake")
+        frames = await receive_until(ws, "end", timeout=5)
+        error = await ws.receive_json_from(timeout=5)
+    end = frames[-1]
+    assert end["status"] == "error" and end["error"]["code"] == "upstream_unavailable"
+    assert error["type"] == "error" and error["code"] == "upstream_unavailable"
+    assert error["id"] == "r1"
+    assert await Message.objects.filter(role="user", content="anyone?").aexists()
+    reply = await Message.objects.aget(role="assistant")
+    assert reply.status == "error" and reply.error_code == "upstream_unavailable"
+    assert "model server" in reply.error
+
+
+@pytest.mark.parametrize(
+    "model, code",
+    [
+        ("llama-not-pulled", "model_not_found"),
+        ("fake:fault=500", "upstream_error"),
+        ("fake:fault=html", "upstream_error"),
+    ],
+)
+async def test_upstream_failures_before_any_text(alice, fake_llm, model, code):
+    async with chat_socket(alice) as ws:
+        await send(ws, "hi", model=model)
+        frames = await receive_until(ws, "end")
+        error = await ws.receive_json_from()
+    assert frames[-1]["status"] == "error" and frames[-1]["error"]["code"] == code
+    assert error["code"] == code
+    reply = await Message.objects.aget(role="assistant")
+    assert (reply.status, reply.error_code, reply.content) == ("error", code, "")
+
+
+@pytest.mark.parametrize(
+    "model, code",
+    [
+        ("fake:fault=cut,after=4", "upstream_error"),
+        ("fake:fault=malformed,after=4", "upstream_error"),
+        ("fake:fault=stall,after=4,stall=5", "timeout"),
+    ],
+)
+async def test_upstream_failures_mid_stream_keep_the_text_so_far(
+    alice, fake_llm, settings, model, code
+):
+    settings.LLM_READ_TIMEOUT = 0.5
+    async with chat_socket(alice) as ws:
+        await send(ws, "hi", model=model)
+        frames = await receive_until(ws, "end")
+    end = frames[-1]
+    assert end["status"] == "interrupted" and end["error"]["code"] == code
+    assert streamed_text(frames) == "w1 w2 w3 w4 "
+    reply = await Message.objects.aget(role="assistant")
+    assert (reply.status, reply.error_code, reply.content) == ("interrupted", code, "w1 w2 w3 w4 ")
