@@ -12,11 +12,13 @@ from django.conf import settings
 from django.core.cache import cache
 
 from . import llm, replies
+from .auth import token_group
 from .models import Busy, Conversation, Message, NothingToAnswer
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL = 1
+CLOSE_TOKEN_REVOKED = 4001
 MAX_FRAME = 256 * 1024
 MAX_ID = 64
 OPTION_RANGES: dict[str, tuple[type, float, float]] = {
@@ -51,6 +53,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # The seq of each live reply that this client holds, so it gets
         # every delta after it once: none missed, none repeated.
         self.held: dict[str, int] = {}
+        self.token_id = self.scope.get("api_token")
+        if self.token_id is not None:
+            await self.channel_layer.group_add(token_group(self.token_id), self.channel_name)
         await self.accept()
         await _interrupt_orphans_once()
         try:
@@ -69,6 +74,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
 
     async def disconnect(self, code: int) -> None:
+        if getattr(self, "token_id", None) is not None:
+            await self.channel_layer.group_discard(token_group(self.token_id), self.channel_name)
         for conversation_id in getattr(self, "subscriptions", ()):
             await self.channel_layer.group_discard(
                 replies.conversation_group(conversation_id), self.channel_name
@@ -296,6 +303,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         elif frame["type"] == "end":
             self.held.pop(frame["message"], None)
         await self.send_json(frame)
+
+    async def token_revoked(self, event: dict) -> None:
+        await self.close(code=CLOSE_TOKEN_REVOKED)
 
     @classmethod
     async def encode_json(cls, content: dict) -> str:

@@ -1,3 +1,5 @@
+import hashlib
+import secrets
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -261,3 +263,65 @@ class Message(models.Model):
             if self.error_code:
                 frame["error"] = {"code": self.error_code, "message": self.error}
         return frame
+
+
+class ApiTokenQuerySet(models.QuerySet):
+    def active(self) -> "ApiTokenQuerySet":
+        return self.filter(revoked__isnull=True)
+
+    def for_user(self, user) -> "ApiTokenQuerySet":
+        return self.filter(user=user) if user.is_authenticated else self.none()
+
+    def authenticate(self, plain: str) -> "ApiToken | None":
+        token = (
+            self.active()
+            .select_related("user")
+            .filter(key_hash=ApiToken.hash(plain), user__is_active=True)
+            .first()
+        )
+        if token is not None:
+            token.last_used = timezone.now()
+            token.save(update_fields=["last_used"])
+        return token
+
+
+class ApiToken(models.Model):
+    """A personal token for scripts and terminal clients. Only a hash is
+    kept: the token itself is shown once, when it is made."""
+
+    PREFIX = "cs_"
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created = models.DateTimeField(default=timezone.now, editable=False)
+    last_used = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked = models.DateTimeField(null=True, blank=True)
+
+    objects = ApiTokenQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @staticmethod
+    def hash(plain: str) -> str:
+        # Tokens are 256 random bits: a fast hash is enough, no key stretching.
+        return hashlib.sha256(plain.encode()).hexdigest()
+
+    @classmethod
+    def issue(cls, user, name: str) -> tuple["ApiToken", str]:
+        plain = cls.PREFIX + secrets.token_urlsafe(32)
+        token = cls.objects.create(
+            user=user, name=name, prefix=plain[: len(cls.PREFIX) + 6], key_hash=cls.hash(plain)
+        )
+        return token, plain
+
+    def revoke(self) -> None:
+        self.revoked = timezone.now()
+        self.save(update_fields=["revoked"])

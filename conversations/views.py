@@ -1,3 +1,5 @@
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
@@ -6,7 +8,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from .models import TITLE_LENGTH, Conversation
+from .auth import token_group
+from .models import TITLE_LENGTH, ApiToken, Conversation
 
 
 def _wants_json(request: HttpRequest) -> bool:
@@ -101,3 +104,26 @@ def signup(request: HttpRequest) -> HttpResponse:
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         return redirect("chat")
     return render(request, "registration/signup.html", {"form": form})
+
+
+@login_required
+def tokens(request: HttpRequest) -> HttpResponse:
+    new_token = None
+    if request.method == "POST":
+        name = " ".join(request.POST.get("name", "").split())[:100] or "token"
+        _, new_token = ApiToken.issue(request.user, name)
+    return render(
+        request,
+        "conversations/tokens.html",
+        {"tokens": ApiToken.objects.for_user(request.user).active(), "new_token": new_token},
+    )
+
+
+@login_required
+@require_POST
+def token_revoke(request: HttpRequest, pk: int) -> HttpResponse:
+    token = get_object_or_404(ApiToken.objects.for_user(request.user).active(), pk=pk)
+    token.revoke()
+    # Sockets opened with the token close now, in whichever process they are.
+    async_to_sync(get_channel_layer().group_send)(token_group(token.pk), {"type": "token.revoked"})
+    return redirect("tokens")

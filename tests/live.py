@@ -1,0 +1,153 @@
+"""Real servers for end-to-end tests: daphne processes serving the site, and
+an HTTP client that signs up like a browser does. Loopback only."""
+
+import http.cookiejar
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
+
+
+class Site:
+    """One or more daphne processes sharing a database and channel layer."""
+
+    def __init__(self, env: dict[str, str], processes: int = 1):
+        self.env = {**os.environ, "DJANGO_SETTINGS_MODULE": "chatsite.settings"}
+        self.env.pop("DATABASE_URL", None)
+        self.env.update(env)
+        self.count = processes
+        self.ports: list[int] = []
+        self.processes: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+
+    def manage(self, *args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode:
+            raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stderr}")
+        return result.stdout
+
+    def start(self, log_dir: Path) -> "Site":
+        self.manage("migrate", "--noinput")
+        for index in range(self.count):
+            port = free_port()
+            log = log_dir / f"daphne-{index}.log"
+            command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
+            command.append("chatsite.asgi:application")
+            process = subprocess.Popen(
+                command, cwd=ROOT, env=self.env, stdout=log.open("w"), stderr=subprocess.STDOUT
+            )
+            self.ports.append(port)
+            self.processes.append(process)
+            self.logs.append(log)
+        for port, process in zip(self.ports, self.processes, strict=True):
+            wait_for_port(port, process)
+        return self
+
+    def url(self, index: int = 0) -> str:
+        return f"http://127.0.0.1:{self.ports[index]}"
+
+    def ws_url(self, index: int = 0) -> str:
+        return f"ws://127.0.0.1:{self.ports[index]}/ws/chat/"
+
+    def kill(self, index: int) -> None:
+        self.processes[index].send_signal(signal.SIGKILL)
+        self.processes[index].wait(timeout=10)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@contextmanager
+def site_database(tmp_path: Path) -> Iterator[str]:
+    """A database of its own for a site under test: a fresh Postgres database
+    when the run uses Postgres, else a SQLite file."""
+    url = os.environ.get("DATABASE_URL", "")
+    if not url.startswith("postgres"):
+        yield f"sqlite:///{tmp_path / 'site.sqlite3'}"
+        return
+    import psycopg
+
+    name = f"chatsite_live_{uuid.uuid4().hex[:12]}"
+    admin = psycopg.connect(url, autocommit=True)
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urllib.parse.urlparse(url)._replace(path=f"/{name}").geturl()
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+class Browser:
+    """Just enough of a browser to sign up and carry the session cookie."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+        self.cookies = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies))
+
+    def get(self, path: str) -> str:
+        with self.opener.open(self.base_url + path, timeout=10) as response:
+            return response.read().decode()
+
+    def post(self, path: str, fields: dict[str, str]) -> tuple[int, str]:
+        page = self.get(path)
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
+        data = urllib.parse.urlencode({**fields, "csrfmiddlewaretoken": token.group(1)}).encode()
+        with self.opener.open(self.base_url + path, data=data, timeout=10) as response:
+            return response.status, response.geturl()
+
+    def sign_up(self, username: str, password: str = "correct horse battery staple") -> None:
+        _, final_url = self.post(
+            "/accounts/signup/",
+            {"username": username, "password1": password, "password2": password},
+        )
+        assert not final_url.endswith("/accounts/signup/"), "sign-up failed"
+
+    def cookie_header(self) -> str:
+        return "; ".join(f"{c.name}={c.value}" for c in self.cookies)
+
+    def ws_headers(self) -> dict[str, str]:
+        return {"Cookie": self.cookie_header(), "Origin": self.base_url}
