@@ -123,6 +123,8 @@ class Reply:
             self.finishing = True
             self.wake.set()
             await pump
+            # What arrived while the pump's last delta was being sent.
+            await self._flush()
         except Exception as exc:  # never leave a row half-written
             logger.exception("reply %s failed", self.message_id)
             error = error or llm.LLMError("upstream_error", f"Internal error: {exc}")

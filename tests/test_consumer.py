@@ -500,3 +500,18 @@ async def test_upstream_failures_mid_stream_keep_the_text_so_far(
     assert streamed_text(frames) == "w1 w2 w3 w4 "
     reply = await Message.objects.aget(role="assistant")
     assert (reply.status, reply.error_code, reply.content) == ("interrupted", code, "w1 w2 w3 w4 ")
+
+
+@pytest.mark.parametrize("coalesce_ms", [0, 30])
+async def test_a_fast_long_reply_is_sent_and_saved_whole(alice, fake_llm, settings, coalesce_ms):
+    settings.CHAT_COALESCE_MS = coalesce_ms
+    model = "fake:n=2000,delay=0"
+    async with chat_socket(alice) as ws:
+        await send(ws, "go", model=model)
+        await ws.receive_json_from()
+        frames = await receive_until(ws, "end", timeout=60)
+    deltas = [f for f in frames if f["type"] == "delta"]
+    assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+    assert streamed_text(frames) == expected_text(model)
+    reply = await Message.objects.aget(pk=frames[-1]["message"])
+    assert reply.content == expected_text(model) and reply.seq == len(deltas)

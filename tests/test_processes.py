@@ -1,0 +1,166 @@
+"""Two real daphne processes sharing Postgres and Redis: a reply started
+through one is watched, joined and stopped through the other."""
+
+import asyncio
+import json
+import os
+
+import pytest
+import websockets
+
+from tests.fake_llm import expected_text
+from tests.live import Browser, Site, site_database
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.environ.get("REDIS_URL")
+        or not os.environ.get("DATABASE_URL", "").startswith("postgres"),
+        reason="needs DATABASE_URL (Postgres) and REDIS_URL: run in CI's second pass",
+    ),
+]
+
+
+def make_site(tmp_path, fake_llm_server, **extra):
+    return {
+        "LLM_BASE_URL": fake_llm_server.base_url,
+        "DEFAULT_MODEL": "fake",
+        "REDIS_URL": os.environ["REDIS_URL"],
+        **extra,
+    }
+
+
+@pytest.fixture
+def two_processes(tmp_path, fake_llm_server):
+    with site_database(tmp_path) as database_url:
+        env = make_site(tmp_path, fake_llm_server, DATABASE_URL=database_url)
+        site = Site(env, processes=2).start(tmp_path)
+        try:
+            yield site
+        finally:
+            site.stop()
+
+
+async def connect(site: Site, index: int, browser: Browser):
+    ws = await websockets.connect(
+        site.ws_url(index), additional_headers=browser.ws_headers(), max_queue=None
+    )
+    ready = json.loads(await ws.recv())
+    assert ready["type"] == "ready"
+    return ws
+
+
+async def receive(ws, frame_type: str, timeout: float = 20.0, pause: float = 0) -> list[dict]:
+    frames = []
+    async with asyncio.timeout(timeout):
+        while True:
+            frames.append(json.loads(await ws.recv()))
+            if frames[-1]["type"] == frame_type:
+                return frames
+            if pause:
+                await asyncio.sleep(pause)
+
+
+def text_of(frames: list[dict]) -> str:
+    return "".join(f.get("content", "") for f in frames if f["type"] == "delta")
+
+
+def joined_text(frames: list[dict]) -> str:
+    """The reply as a client that applies the seq rule would show it."""
+    text, held = "", 0
+    for frame in frames:
+        if frame["type"] == "message" and frame["message"]["role"] == "assistant":
+            text, held = frame["message"]["content"], frame["message"]["seq"]
+        elif frame["type"] == "delta":
+            assert frame["seq"] == held + 1, f"gap or repeat: held {held}, got {frame['seq']}"
+            text, held = text + frame.get("content", ""), frame["seq"]
+    return text
+
+
+async def start_reply(site, browser, model):
+    a = await connect(site, 0, browser)
+    await a.send(
+        json.dumps({"type": "send", "conversation": None, "content": "Hi", "model": model})
+    )
+    first = await receive(a, "delta")
+    return a, first[0]["conversation"]["id"]
+
+
+async def test_reply_started_in_one_process_streams_to_a_tab_in_the_other(two_processes):
+    browser = Browser(two_processes.url(0))
+    await asyncio.to_thread(browser.sign_up, "frank")
+    model = "fake:n=120,delay=0.02"
+    a, conversation_id = await start_reply(two_processes, browser, model)
+    b = await connect(two_processes, 1, browser)
+    await b.send(json.dumps({"type": "subscribe", "conversation": conversation_id}))
+    frames_b = await receive(b, "end")
+    frames_a = await receive(a, "end")
+    snapshot = [f for f in frames_b if f["type"] == "message"][-1]["message"]
+    assert snapshot["status"] == "streaming" and snapshot["seq"] > 0
+    assert joined_text(frames_b) == expected_text(model)
+    assert frames_a[-1] == frames_b[-1]
+    await a.close()
+    await b.close()
+
+
+async def test_stop_through_one_process_stops_the_reply_in_the_other(
+    two_processes, fake_llm_server
+):
+    browser = Browser(two_processes.url(0))
+    await asyncio.to_thread(browser.sign_up, "grace")
+    model = "fake:n=200,delay=0.05"  # ten seconds if nobody stops it
+    fake_llm_server.reset()
+    a, conversation_id = await start_reply(two_processes, browser, model)
+    b = await connect(two_processes, 1, browser)
+    await b.send(json.dumps({"type": "subscribe", "conversation": conversation_id}))
+    await receive(b, "delta")
+    await b.send(json.dumps({"type": "stop", "conversation": conversation_id}))
+    frames_b = await receive(b, "end", timeout=5)
+    end = frames_b[-1]
+    assert end["status"] == "stopped"
+    frames_a = await receive(a, "end", timeout=5)
+    assert frames_a[-1]["status"] == "stopped"
+    assert await asyncio.to_thread(fake_llm_server.wait_cancelled)
+    # The text kept is what was streamed up to the stop, not the whole answer.
+    await b.send(json.dumps({"type": "subscribe", "conversation": conversation_id}))
+    replay = await receive(b, "message")
+    replay += [json.loads(await b.recv())]
+    reply = replay[-1]["message"]
+    assert reply["status"] == "stopped"
+    assert 0 < len(reply["content"]) < len(expected_text(model))
+    assert expected_text(model).startswith(reply["content"])
+    await a.close()
+    await b.close()
+
+
+@pytest.fixture
+def uncoalesced(tmp_path, fake_llm_server):
+    """Every token its own delta, so 5,000 of them hit the channel layer."""
+    with site_database(tmp_path) as database_url:
+        env = make_site(tmp_path, fake_llm_server, DATABASE_URL=database_url, CHAT_COALESCE_MS="0")
+        site = Site(env, processes=2).start(tmp_path)
+        try:
+            yield site
+        finally:
+            site.stop()
+
+
+async def test_a_fast_long_reply_reaches_a_slow_reader_in_another_process_whole(uncoalesced):
+    browser = Browser(uncoalesced.url(0))
+    await asyncio.to_thread(browser.sign_up, "heidi")
+    model = "fake:n=5000,delay=0"
+    b = await connect(uncoalesced, 1, browser)
+    a = await connect(uncoalesced, 0, browser)
+    await a.send(
+        json.dumps({"type": "send", "conversation": None, "content": "Go", "model": model})
+    )
+    conversation_id = (await receive(a, "conversation"))[-1]["conversation"]["id"]
+    await b.send(json.dumps({"type": "subscribe", "conversation": conversation_id}))
+    frames = await receive(b, "end", timeout=120, pause=0.0005)
+    errors = [f for f in frames if f["type"] == "error"]
+    # Exactly the model's text, or an error said out loud: never silently less.
+    assert errors or joined_text(frames) == expected_text(model)
+    assert frames[-1]["status"] == "complete"
+    await receive(a, "end", timeout=60)
+    await a.close()
+    await b.close()
