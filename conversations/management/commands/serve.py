@@ -68,7 +68,10 @@ def start_bundled_model(port: int) -> subprocess.Popen:
         "--n_ctx",
         "2048",
     ]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    # llama_cpp.server reads HOST and PORT from the environment over its
+    # command line, and they are ours (the site's), not its.
+    env = {k: v for k, v in os.environ.items() if k.upper() not in {"HOST", "PORT"}}
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
 class Command(BaseCommand):
