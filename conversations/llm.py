@@ -132,6 +132,7 @@ class ThinkSplitter:
         self.thinking = False
         self.held = ""
         self.seen_text = False
+        self.had_think = False
 
     def feed(self, text: str) -> Delta:
         content, reasoning = [], []
@@ -144,6 +145,7 @@ class ThinkSplitter:
                 (reasoning if self.thinking else content).append(text[:index])
                 text = text[index + len(tag) :]
                 self.thinking = not self.thinking
+                self.had_think = True
                 continue
             keep = _partial_suffix(text, tag)
             body, self.held = text[: len(text) - keep], text[len(text) - keep :]
@@ -151,9 +153,9 @@ class ThinkSplitter:
             break
         answer = "".join(content)
         # Models put a blank line after </think>; it is not part of the answer.
-        if not self.seen_text:
+        if not self.seen_text and self.had_think:
             answer = answer.lstrip()
-            self.seen_text = bool(answer)
+        self.seen_text = self.seen_text or bool(answer)
         return Delta(content=answer, reasoning="".join(reasoning))
 
     def flush(self) -> Delta:

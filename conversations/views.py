@@ -50,7 +50,7 @@ def conversation(request: HttpRequest, pk) -> HttpResponse:
 @require_POST
 def rename(request: HttpRequest, pk) -> HttpResponse:
     conversation = _own(request, pk)
-    title = " ".join(request.POST.get("title", "").split())[:TITLE_LENGTH]
+    title = " ".join(request.POST.get("title", "").split())[:TITLE_LENGTH].rstrip()
     if not title:
         return JsonResponse({"error": "bad_request", "message": "A title is needed."}, status=400)
     conversation.title = title

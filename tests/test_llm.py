@@ -1,0 +1,330 @@
+"""conversations/llm.py against the fake server over real HTTP, and the
+<think> splitter on its own."""
+
+import asyncio
+import itertools
+
+import pytest
+
+from conversations import llm
+from conversations.llm import Delta, LLMError, ThinkSplitter, Usage
+from tests.conftest import free_port
+from tests.fake_llm import MODELS, expected_text, reasoning_for, tokens_for
+
+MESSAGES = [{"role": "user", "content": "say something nice"}]  # 3 prompt tokens
+
+
+async def collect(model, options=None, messages=MESSAGES):
+    return [item async for item in llm.stream_chat(messages, model, options)]
+
+
+def text_of(items, field="content"):
+    return "".join(getattr(i, field) for i in items if isinstance(i, Delta))
+
+
+async def collect_until_error(model, options=None):
+    """The deltas yielded before the LLMError, and the error."""
+    items = []
+    with pytest.raises(LLMError) as caught:
+        async for item in llm.stream_chat(MESSAGES, model, options):
+            items.append(item)
+    return items, caught.value
+
+
+# list_models
+
+
+async def test_list_models_returns_the_servers_models(fake_llm):
+    assert await llm.list_models() == sorted(MODELS)
+
+
+async def test_list_models_is_cached(fake_llm, settings):
+    first = await llm.list_models()
+    settings.LLM_BASE_URL = f"http://127.0.0.1:{free_port()}/v1"
+
+    assert await llm.list_models() == first
+
+    llm.forget_models()
+    with pytest.raises(LLMError) as caught:
+        await llm.list_models()
+    assert caught.value.code == "upstream_unavailable"
+
+
+async def test_list_models_cache_expires(fake_llm, settings):
+    settings.LLM_MODELS_CACHE_SECONDS = 0
+    await llm.list_models()
+    settings.LLM_BASE_URL = f"http://127.0.0.1:{free_port()}/v1"
+
+    with pytest.raises(LLMError) as caught:
+        await llm.list_models()
+    assert caught.value.code == "upstream_unavailable"
+
+
+async def test_list_models_without_a_server_is_upstream_unavailable():
+    with pytest.raises(LLMError) as caught:
+        await llm.list_models()
+
+    assert caught.value.code == "upstream_unavailable"
+
+
+async def test_default_model_is_the_setting(fake_llm, settings):
+    settings.DEFAULT_MODEL = "fake-think"
+
+    assert await llm.default_model() == "fake-think"
+
+
+async def test_default_model_falls_back_to_the_first_listed(fake_llm, settings):
+    settings.DEFAULT_MODEL = ""
+
+    assert await llm.default_model() == sorted(MODELS)[0]
+
+
+async def test_default_model_without_setting_or_server_is_empty(settings):
+    settings.DEFAULT_MODEL = ""
+
+    assert await llm.default_model() == ""
+
+
+# stream_chat
+
+
+async def test_stream_chat_yields_the_text_then_the_usage(fake_llm):
+    items = await collect("fake")
+
+    deltas, usage = items[:-1], items[-1]
+    assert all(isinstance(d, Delta) for d in deltas)
+    assert text_of(deltas) == expected_text("fake")
+    assert text_of(deltas, "reasoning") == ""
+    assert usage == Usage(prompt_tokens=3, completion_tokens=len(tokens_for("fake")))
+    assert len(deltas) == len(tokens_for("fake"))  # one delta per token, none merged
+
+
+async def test_stream_chat_asks_for_usage_and_streams(fake_llm):
+    await collect("fake")
+
+    body = fake_llm.requests[-1]
+    assert body["model"] == "fake"
+    assert body["messages"] == MESSAGES
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+
+
+async def test_stream_chat_sends_the_options(fake_llm):
+    options = {"temperature": 0.3, "top_p": 0.9, "max_tokens": 5, "seed": 42}
+
+    items = await collect("fake", options)
+
+    body = fake_llm.requests[-1]
+    assert {k: body[k] for k in options} == options
+    # The fake honours max_tokens, so the answer is cut there.
+    assert text_of(items) == "".join(tokens_for("fake", max_tokens=5))
+    assert items[-1] == Usage(prompt_tokens=3, completion_tokens=5)
+
+
+async def test_stream_chat_drops_unknown_and_empty_options(fake_llm):
+    await collect("fake", {"temperature": 0.5, "seed": None, "stop": ["x"], "tools": []})
+
+    body = fake_llm.requests[-1]
+    assert body["temperature"] == 0.5
+    for dropped in ("seed", "stop", "tools", "top_p", "max_tokens"):
+        assert dropped not in body
+
+
+async def test_stream_chat_splits_think_tags_out_of_the_content(fake_llm):
+    items = await collect("fake-think")
+
+    content = text_of(items)
+    assert content == expected_text("fake-think")
+    assert "think" not in content
+    assert "<" not in content
+    assert text_of(items, "reasoning") == reasoning_for("fake-think")
+    assert isinstance(items[-1], Usage)
+
+
+async def test_stream_chat_reads_reasoning_delta_fields(fake_llm):
+    items = await collect("fake-reasoning-field")
+
+    assert text_of(items) == expected_text("fake-reasoning-field")
+    assert text_of(items, "reasoning") == reasoning_for("fake-reasoning-field")
+    assert isinstance(items[-1], Usage)
+
+
+async def test_refused_connection_is_upstream_unavailable():
+    items, error = await collect_until_error("fake")
+
+    assert items == []
+    assert error.code == "upstream_unavailable"
+
+
+async def test_unknown_model_is_model_not_found(fake_llm):
+    items, error = await collect_until_error("nope")
+
+    assert items == []
+    assert error.code == "model_not_found"
+    assert "nope" in error.message
+
+
+async def test_server_error_is_upstream_error(fake_llm):
+    items, error = await collect_until_error("fake:fault=500")
+
+    assert items == []
+    assert error.code == "upstream_error"
+
+
+async def test_cut_stream_is_upstream_error_after_the_text_so_far(fake_llm):
+    items, error = await collect_until_error("fake:fault=cut,after=3")
+
+    assert error.code == "upstream_error"
+    assert text_of(items) == "".join(tokens_for("fake")[:3])
+    assert not any(isinstance(i, Usage) for i in items)
+
+
+async def test_malformed_chunk_is_upstream_error(fake_llm):
+    items, error = await collect_until_error("fake:fault=malformed,after=3")
+
+    assert error.code == "upstream_error"
+    assert text_of(items) == "".join(tokens_for("fake")[:3])
+
+
+async def test_non_sse_answer_is_upstream_error(fake_llm):
+    items, error = await collect_until_error("fake:fault=html")
+
+    assert items == []
+    assert error.code == "upstream_error"
+
+
+async def test_closing_the_stream_early_cancels_the_request(fake_llm):
+    stream = llm.stream_chat(MESSAGES, "fake-slow")
+    first = [await anext(stream), await anext(stream)]
+
+    await stream.aclose()
+
+    assert text_of(first) == "".join(tokens_for("fake-slow")[:2])
+    assert await asyncio.to_thread(fake_llm.wait_cancelled)
+    assert fake_llm.cancelled == 1
+    assert fake_llm.completed == 0
+
+
+# The timeout tests wait for the fake to notice the abandoned request, so
+# that its count cannot leak into the next test.
+
+
+async def test_stalled_stream_is_a_timeout(fake_llm, settings):
+    settings.LLM_READ_TIMEOUT = 0.5
+
+    items, error = await collect_until_error("fake:fault=stall,after=2,stall=5")
+
+    assert error.code == "timeout"
+    assert text_of(items) == "".join(tokens_for("fake")[:2])
+    assert await asyncio.to_thread(fake_llm.wait_cancelled)
+
+
+async def test_no_first_byte_within_the_read_timeout_is_a_timeout(fake_llm, settings):
+    settings.LLM_READ_TIMEOUT = 0.5
+
+    items, error = await collect_until_error("fake:ttft=5")
+
+    assert items == []
+    assert error.code == "timeout"
+    assert await asyncio.to_thread(fake_llm.wait_cancelled)
+
+
+# ThinkSplitter
+
+
+def split(*chunks):
+    """Feed the chunks, flush, and return (content, reasoning) with every
+    piece along the way."""
+    splitter = ThinkSplitter()
+    pieces = [splitter.feed(c) for c in chunks] + [splitter.flush()]
+    return "".join(p.content for p in pieces), "".join(p.reasoning for p in pieces)
+
+
+TAGGED = "<think>abc</think>answer"
+
+
+def test_think_block_is_split_from_the_answer():
+    assert split(TAGGED) == ("answer", "abc")
+
+
+@pytest.mark.parametrize("at", range(1, len(TAGGED)))
+def test_think_tags_cut_across_chunks_are_split(at):
+    assert split(TAGGED[:at], TAGGED[at:]) == ("answer", "abc")
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "reasoning"),
+    [
+        (TAGGED, "answer", "abc"),
+        ("<think>abc</think>\n\nanswer", "answer", "abc"),
+        ("pre <think>x</think> post", "pre  post", "x"),
+        ("<think></think>answer", "answer", ""),
+        ("a<b <think>t<i</think>c</d", "a<b c</d", "t<i"),
+    ],
+)
+def test_think_tags_cut_at_every_pair_of_positions_are_split(text, content, reasoning):
+    for a, b in itertools.combinations(range(len(text) + 1), 2):
+        chunks = (text[:a], text[a:b], text[b:])
+        assert split(*chunks) == (content, reasoning), chunks
+
+
+def test_think_block_fed_one_character_at_a_time_is_split():
+    assert split(*TAGGED) == ("answer", "abc")
+
+
+def test_nothing_that_could_be_a_tag_is_let_out_early():
+    splitter = ThinkSplitter()
+
+    assert splitter.feed("Hi <thi") == Delta(content="Hi ")
+    assert splitter.feed("nk>why") == Delta(reasoning="why")
+    assert splitter.feed(" so</th") == Delta(reasoning=" so")
+    assert splitter.feed("ink> ok") == Delta(content=" ok")
+    assert splitter.flush() == Delta()
+
+
+def test_blank_line_after_the_think_block_is_not_part_of_the_answer():
+    assert split("<think>plan</think>\n\n", "Answer.") == ("Answer.", "plan")
+
+
+def test_text_before_a_think_block_is_content():
+    assert split("Sure. <think>hmm</think> Here it is.") == ("Sure.  Here it is.", "hmm")
+
+
+NOT_A_TAG = "a < b and <b> <thin> <thinking>"
+
+
+@pytest.mark.parametrize("at", range(1, len(NOT_A_TAG)))
+def test_a_less_than_sign_that_is_not_a_tag_is_content(at):
+    assert split(NOT_A_TAG[:at], NOT_A_TAG[at:]) == (NOT_A_TAG, "")
+
+
+def test_held_text_that_never_became_a_tag_is_flushed_as_content():
+    splitter = ThinkSplitter()
+
+    assert splitter.feed("x <thin") == Delta(content="x ")
+    assert splitter.flush() == Delta(content="<thin")
+
+
+def test_held_text_inside_an_unclosed_think_block_is_flushed_as_reasoning():
+    splitter = ThinkSplitter()
+
+    assert splitter.feed("<think>still going</thi") == Delta(reasoning="still going")
+    assert splitter.flush() == Delta(reasoning="</thi")
+
+
+def test_text_without_think_tags_passes_through():
+    splitter = ThinkSplitter()
+
+    assert splitter.feed("Hello ") == Delta(content="Hello ")
+    assert splitter.feed("world, ") == Delta(content="world, ")
+    assert splitter.feed("no tags here.") == Delta(content="no tags here.")
+    assert splitter.flush() == Delta()
+
+
+def test_a_second_think_block_is_also_reasoning():
+    assert split("<think>a</think>b<think>c</think>d") == ("bd", "ac")
+
+
+def test_leading_whitespace_of_an_answer_without_thinking_is_kept():
+    splitter = ThinkSplitter()
+    assert splitter.feed("    indented code").content == "    indented code"
