@@ -86,7 +86,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_error("bad_request", "Frames must be JSON text.")
             return
         if len(text_data) > MAX_FRAME:
-            await self.send_error("too_large", f"Frames are limited to {MAX_FRAME} bytes.")
+            await self.send_error("too_large", f"Frames are limited to {MAX_FRAME} characters.")
             return
         try:
             frame = json.loads(text_data)
@@ -140,8 +140,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         conversation_id = frame.get("conversation")
         if conversation_id is not None:
             conversation_id = _conversation_id(frame)
-        if not await _allow_send(self.user.pk):
-            raise FrameError("rate_limited", "Too many messages; wait a minute and try again.")
+        await self.check_rate()
         default_model = await llm.default_model()
         try:
             conversation, created, changed, user_message, reply = await _begin_send(
@@ -174,6 +173,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def on_regenerate(self, frame: dict, request_id: str | None) -> None:
         conversation = await self.own_conversation(frame)
+        await self.check_rate()
         model = conversation.model or await llm.default_model()
         try:
             _, reply, superseded = await database_sync_to_async(conversation.start_turn)(
@@ -242,6 +242,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return await Conversation.objects.for_user(self.user).aget(pk=conversation_id)
         except Conversation.DoesNotExist:
             raise FrameError("not_found", NOT_FOUND) from None
+
+    async def check_rate(self) -> None:
+        if not await _allow_send(self.user.pk):
+            raise FrameError("rate_limited", "Too many messages; wait a minute and try again.")
 
     async def subscribe(self, conversation: Conversation) -> None:
         conversation_id = str(conversation.pk)

@@ -252,19 +252,15 @@ class Reply:
             frame["error"] = {"code": error.code, "message": error.message}
         await self._broadcast(frame)
         if error is not None and self.origin:
-            await self.layer.send(
-                self.origin,
-                {
-                    "type": "chat.event",
-                    "frame": {
-                        "type": "error",
-                        "code": error.code,
-                        "message": error.message,
-                        "id": self.request_id,
-                        "conversation": self.conversation_id,
-                    },
-                },
-            )
+            answer = {
+                "type": "error",
+                "code": error.code,
+                "message": error.message,
+                "conversation": self.conversation_id,
+            }
+            if self.request_id is not None:
+                answer["id"] = self.request_id
+            await self.layer.send(self.origin, {"type": "chat.event", "frame": answer})
 
     async def _broadcast(self, frame: dict[str, Any]) -> None:
         event = {"type": "chat.event", "conversation": self.conversation_id, "frame": frame}
