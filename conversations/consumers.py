@@ -270,7 +270,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             if frame is None:
                 message = await Message.objects.aget(pk=message.pk)
                 if message.is_stale():
+                    # Its writer died: tell every tab still waiting for it.
                     await database_sync_to_async(message.mark_interrupted)()
+                    await self.broadcast(message.conversation_id, end_frame(message))
         if frame is None:
             frame = message.as_frame()
         if message.role == Message.Role.ASSISTANT:
@@ -314,6 +316,20 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     @classmethod
     async def encode_json(cls, content: dict) -> str:
         return json.dumps(content, ensure_ascii=False)
+
+
+def end_frame(message: Message) -> dict[str, Any]:
+    frame = message.as_frame()
+    return {
+        "type": "end",
+        "conversation": str(message.conversation_id),
+        "message": frame["id"],
+        "status": frame["status"],
+        "seq": frame["seq"],
+        "usage": frame["usage"],
+        "timing": frame["timing"],
+        "error": frame["error"],
+    }
 
 
 def conversation_frame(conversation: Conversation) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from channels.testing import WebsocketCommunicator
+from django.utils import timezone
 
 from chatsite.asgi import application
 from conversations.models import Conversation, Message
@@ -515,3 +516,29 @@ async def test_a_fast_long_reply_is_sent_and_saved_whole(alice, fake_llm, settin
     assert streamed_text(frames) == expected_text(model)
     reply = await Message.objects.aget(pk=frames[-1]["message"])
     assert reply.content == expected_text(model) and reply.seq == len(deltas)
+
+
+async def test_a_reply_whose_writer_died_is_shown_interrupted_to_every_tab(alice, fake_llm):
+    conversation = await Conversation.objects.acreate(owner=alice, model="fake")
+    await conversation.messages.acreate(role="user", content="hi")
+    reply = await conversation.messages.acreate(
+        role="assistant", status="streaming", content="half an", seq=3
+    )
+    async with chat_socket(alice) as watcher, chat_socket(alice) as ws:
+        # While its heartbeat is recent, the reply is shown as still coming.
+        await watcher.send_json_to({"type": "subscribe", "conversation": str(conversation.pk)})
+        frames = await receive_until(watcher, "message")
+        frames += await receive_until(watcher, "message")
+        assert frames[-1]["message"]["status"] == "streaming"
+        # No heartbeat for a minute, and no process answers for it.
+        await Message.objects.filter(pk=reply.pk).aupdate(
+            updated=reply.updated - timezone.timedelta(minutes=1)
+        )
+        await ws.send_json_to({"type": "subscribe", "conversation": str(conversation.pk)})
+        frames = await receive_until(ws, "end")
+        shown = [f for f in frames if f["type"] == "message"][-1]["message"]
+        assert (shown["status"], shown["content"]) == ("interrupted", "half an")
+        end = (await receive_until(watcher, "end"))[-1]
+    assert end["status"] == "interrupted" and end["message"] == str(reply.pk)
+    await reply.arefresh_from_db()
+    assert reply.status == "interrupted"
