@@ -106,17 +106,23 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
+# Namespaces this site's keys, so that several sites (or test runs) can
+# share one Redis without reading each other's counters and groups.
+REDIS_PREFIX = os.environ.get("REDIS_PREFIX", "chatsite")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                # redis-py 8 times reads out after 5 s by default, which is
+                # exactly how long channels-redis blocks waiting for a message.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
                 # A fast reply to a slow reader must not overflow a channel:
                 # channels-redis drops messages past capacity without a word.
                 "capacity": env_int("CHANNEL_CAPACITY", 5000),
                 "expiry": 60,
                 "group_expiry": 86400,
+                "prefix": f"{REDIS_PREFIX}:asgi",
             },
         }
     }
@@ -124,6 +130,7 @@ if REDIS_URL:
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
+            "KEY_PREFIX": REDIS_PREFIX,
         }
     }
 else:

@@ -1,5 +1,7 @@
 import asyncio
+import copy
 import socket
+import uuid
 from contextlib import asynccontextmanager
 
 import pytest
@@ -16,6 +18,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def own_cache(settings):
+    """A Redis cache shared across runs would carry rate-limit counters from
+    one test's users into the next: every test gets its own key prefix."""
+    if settings.REDIS_URL:
+        caches = copy.deepcopy(settings.CACHES)
+        caches["default"]["KEY_PREFIX"] = f"test-{uuid.uuid4().hex}"
+        settings.CACHES = caches
 
 
 @pytest.fixture(autouse=True)

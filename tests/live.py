@@ -43,6 +43,7 @@ class Site:
     def __init__(self, env: dict[str, str], processes: int = 1):
         self.env = {**os.environ, "DJANGO_SETTINGS_MODULE": "chatsite.settings"}
         self.env.pop("DATABASE_URL", None)
+        self.env["REDIS_PREFIX"] = f"test-{uuid.uuid4().hex[:12]}"
         self.env.update(env)
         self.count = processes
         self.ports: list[int] = []
