@@ -2451,4 +2451,4 @@ function createDOMPurify() {
 var purify_default = createDOMPurify();
 export { purify_default as default };
 
-//# sourceMappingURL=purify.es.mjs.map
+//# sourceMappingURL=purify.es.js.map

@@ -1,0 +1,151 @@
+// A WebSocket that keeps itself connected: the chat server may restart or the
+// network may drop at any time, and the page should recover without a reload.
+
+const BASE_DELAY_MS = 500;
+const MAX_DELAY_MS = 10_000;
+
+/** ws: or wss: to the page's own host; wss: whenever the page itself is https. */
+export function socketUrl(path) {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}${path}`;
+}
+
+/**
+ * Events (all CustomEvent):
+ *  - "open": a connection is up (detail.reconnected tells whether one was up before)
+ *  - "close": it went down (detail.delayMs until the next try, detail.failures in a row)
+ *  - "frame": one parsed JSON object from the server (detail)
+ */
+export class ChatSocket extends EventTarget {
+  constructor(path, { pingEveryMs = 25_000, pongWithinMs = 10_000 } = {}) {
+    super();
+    this.url = socketUrl(path);
+    this.pingEveryMs = pingEveryMs;
+    this.pongWithinMs = pongWithinMs;
+    this.ws = null;
+    this.failures = 0;
+    this.everOpened = false;
+    this.retryTimer = null;
+    this.pingTimer = null;
+    this.lastHeard = 0;
+    this.stopped = false;
+
+    // A laptop waking up or a network coming back is a good moment to retry
+    // at once instead of waiting out a long backoff.
+    window.addEventListener("online", () => this.reconnectNow());
+    document.addEventListener("visibilitychange", () => {
+      if (document.visibilityState === "visible") this.reconnectNow();
+    });
+  }
+
+  get isOpen() {
+    return this.ws !== null && this.ws.readyState === WebSocket.OPEN;
+  }
+
+  start() {
+    this.stopped = false;
+    if (!this.ws) this.connect();
+  }
+
+  stop() {
+    this.stopped = true;
+    clearTimeout(this.retryTimer);
+    clearInterval(this.pingTimer);
+    if (this.ws) this.ws.close(1000);
+  }
+
+  /** Send one frame; false when there is no open connection (the caller decides whether to queue). */
+  send(frame) {
+    if (!this.isOpen) return false;
+    this.ws.send(JSON.stringify(frame));
+    return true;
+  }
+
+  reconnectNow() {
+    if (this.stopped || this.ws) return;
+    clearTimeout(this.retryTimer);
+    this.failures = 0;
+    this.connect();
+  }
+
+  connect() {
+    clearTimeout(this.retryTimer);
+    let ws;
+    try {
+      ws = new WebSocket(this.url);
+    } catch {
+      this.scheduleRetry();
+      return;
+    }
+    this.ws = ws;
+    let opened = false;
+
+    ws.addEventListener("open", () => {
+      opened = true;
+      const reconnected = this.everOpened;
+      this.everOpened = true;
+      this.failures = 0;
+      this.lastHeard = Date.now();
+      this.startPinging();
+      this.dispatchEvent(new CustomEvent("open", { detail: { reconnected } }));
+    });
+
+    ws.addEventListener("message", (event) => {
+      this.lastHeard = Date.now();
+      let frame;
+      try {
+        frame = JSON.parse(event.data);
+      } catch {
+        return;
+      }
+      if (frame && typeof frame === "object" && !Array.isArray(frame)) {
+        this.dispatchEvent(new CustomEvent("frame", { detail: frame }));
+      }
+    });
+
+    ws.addEventListener("close", (event) => this.lost(ws, opened, event.code));
+  }
+
+  /** The connection `ws` is gone (closed, or declared dead by the pinger). */
+  lost(ws, opened, code) {
+    if (this.ws !== ws) return;
+    this.ws = null;
+    clearInterval(this.pingTimer);
+    if (!opened) this.failures += 1;
+    const delayMs = this.stopped ? null : this.scheduleRetry();
+    this.dispatchEvent(
+      new CustomEvent("close", {
+        detail: { code, opened, failures: this.failures, delayMs },
+      }),
+    );
+  }
+
+  scheduleRetry() {
+    // Exponential backoff with "equal jitter": never zero, and many tabs
+    // reconnecting after a server restart do not all arrive at once.
+    const ceiling = Math.min(MAX_DELAY_MS, BASE_DELAY_MS * 2 ** Math.min(this.failures, 10));
+    const delayMs = Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
+    clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => this.connect(), delayMs);
+    return delayMs;
+  }
+
+  startPinging() {
+    // A half-open TCP connection (sleeping laptop, dropped Wi-Fi) never fires
+    // "close" by itself; a ping without an answer is how we notice.
+    clearInterval(this.pingTimer);
+    this.pingTimer = setInterval(() => {
+      if (!this.isOpen) return;
+      const quietFor = Date.now() - this.lastHeard;
+      if (quietFor >= this.pingEveryMs + this.pongWithinMs) {
+        // Do not wait for the closing handshake of a dead connection: it
+        // can take minutes. Forget it and reconnect now.
+        const dead = this.ws;
+        this.lost(dead, true, 4000);
+        dead.close(4000, "no pong");
+      } else if (quietFor >= this.pingEveryMs) {
+        this.send({ type: "ping" });
+      }
+    }, Math.min(this.pingEveryMs, this.pongWithinMs) / 2);
+  }
+}
