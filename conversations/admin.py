@@ -3,7 +3,7 @@ from django.db.models import Count
 from django.urls import reverse
 from django.utils.html import format_html
 
-from .models import Conversation, Message
+from .models import ApiToken, Conversation, Message
 
 
 class MessageInline(admin.TabularInline):
@@ -73,3 +73,16 @@ class MessageAdmin(admin.ModelAdmin):
     def conversation_link(self, obj: Message) -> str:
         url = reverse("admin:conversations_conversation_change", args=[obj.conversation_id])
         return format_html('<a href="{}">{}</a>', url, obj.conversation)
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    list_display = ["name", "user", "prefix", "created", "last_used", "revoked"]
+    list_filter = ["revoked"]
+    search_fields = ["name", "user__username", "prefix"]
+    list_select_related = ["user"]
+    readonly_fields = ["user", "prefix", "created", "last_used"]
+    fields = ["user", "name", "prefix", "created", "last_used", "revoked"]
+
+    def has_add_permission(self, request) -> bool:
+        return False  # a token is shown once: make it on the API tokens page

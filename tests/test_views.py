@@ -356,3 +356,10 @@ def test_logout_logs_out_and_goes_to_login(alice_client):
     assert response["Location"] == reverse("login")
     assert "_auth_user_id" not in alice_client.session
     assert alice_client.get(reverse("chat")).status_code == 302
+
+
+def test_pages_forbid_scripts_and_images_from_elsewhere(client, alice, admin_client):
+    client.force_login(alice)
+    policy = client.get(reverse("chat"))["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "img-src 'self' data:" in policy
+    assert "Content-Security-Policy" not in admin_client.get("/admin/")
