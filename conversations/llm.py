@@ -1,8 +1,10 @@
 """The only code that talks to the model server (Ollama, llama.cpp, vLLM,
 LM Studio, OpenAI: anything that speaks OpenAI chat completions)."""
 
+import asyncio
 import json
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,20 +38,26 @@ class Usage:
     completion_tokens: int | None
 
 
+# One client per event loop and configuration: making one costs ~20 ms of
+# CPU (TLS context), and a shared one keeps connections to the server alive.
+# Its connections belong to the loop that opened them, hence the key.
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, openai.AsyncOpenAI]]
+_clients = weakref.WeakKeyDictionary()
+
+
 def _client(read_timeout: float | None = None) -> openai.AsyncOpenAI:
-    timeout = openai.Timeout(
-        connect=settings.LLM_CONNECT_TIMEOUT,
-        read=read_timeout or settings.LLM_READ_TIMEOUT,
-        write=10.0,
-        pool=10.0,
-    )
-    # Retries would only hide a dead server from the user for longer.
-    return openai.AsyncOpenAI(
-        base_url=settings.LLM_BASE_URL,
-        api_key=settings.LLM_API_KEY,
-        timeout=timeout,
-        max_retries=0,
-    )
+    read = read_timeout or settings.LLM_READ_TIMEOUT
+    config = (settings.LLM_BASE_URL, settings.LLM_API_KEY, settings.LLM_CONNECT_TIMEOUT, read)
+    per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
+    client = per_loop.get(config)
+    if client is None:
+        timeout = openai.Timeout(connect=config[2], read=read, write=10.0, pool=10.0)
+        # Retries would only hide a dead server from the user for longer.
+        client = openai.AsyncOpenAI(
+            base_url=config[0], api_key=config[1], timeout=timeout, max_retries=0
+        )
+        per_loop[config] = client
+    return client
 
 
 def _as_llm_error(exc: BaseException) -> LLMError:
@@ -97,9 +105,8 @@ async def list_models() -> list[str]:
     if _models_cache and now - _models_cache[0] < settings.LLM_MODELS_CACHE_SECONDS:
         return _models_cache[1]
     try:
-        async with _client(read_timeout=5.0) as client:
-            page = await client.models.list()
-            models = sorted(m.id for m in page.data)
+        page = await _client(read_timeout=5.0).models.list()
+        models = sorted(m.id for m in page.data)
     except Exception as exc:
         raise _as_llm_error(exc) from exc
     _models_cache = (now, models)
@@ -190,29 +197,28 @@ async def stream_chat(
     usage: Usage | None = None
     finished = started = False
     try:
-        async with _client() as client:
-            stream = await client.chat.completions.create(
-                model=model,
-                messages=messages,
-                stream=True,
-                stream_options={"include_usage": True},
-                **params,
-            )
-            started = True
-            async with stream:
-                async for chunk in stream:
-                    if chunk.usage is not None:
-                        usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                    for choice in chunk.choices[:1]:
-                        finished = finished or choice.finish_reason is not None
-                        delta = choice.delta
-                        if delta is None:
-                            continue
-                        split = splitter.feed(delta.content or "")
-                        reasoning = _reasoning_of(delta) + split.reasoning
-                        if split.content or reasoning:
-                            chunks += 1
-                            yield Delta(content=split.content, reasoning=reasoning)
+        stream = await _client().chat.completions.create(
+            model=model,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            **params,
+        )
+        started = True
+        async with stream:
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                for choice in chunk.choices[:1]:
+                    finished = finished or choice.finish_reason is not None
+                    delta = choice.delta
+                    if delta is None:
+                        continue
+                    split = splitter.feed(delta.content or "")
+                    reasoning = _reasoning_of(delta) + split.reasoning
+                    if split.content or reasoning:
+                        chunks += 1
+                        yield Delta(content=split.content, reasoning=reasoning)
     except GeneratorExit:
         raise
     except json.JSONDecodeError as exc:
