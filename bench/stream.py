@@ -22,8 +22,8 @@ import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.fake_llm import FakeLLM, expected_text  # noqa: E402
-from tests.live import Browser, Site, site_database  # noqa: E402
+from tests.fake_llm import FakeLLM, expected_text
+from tests.live import Browser, Site, site_database
 
 
 def rss_mb(pid: int) -> float:

@@ -81,8 +81,14 @@ class ApiTokenAdmin(admin.ModelAdmin):
     list_filter = ["revoked"]
     search_fields = ["name", "user__username", "prefix"]
     list_select_related = ["user"]
-    readonly_fields = ["user", "prefix", "created", "last_used"]
+    readonly_fields = ["user", "prefix", "created", "last_used", "revoked"]
     fields = ["user", "name", "prefix", "created", "last_used", "revoked"]
+    actions = ["revoke"]
+
+    @admin.action(description="Revoke selected tokens")
+    def revoke(self, request, queryset) -> None:
+        for token in queryset.active():
+            token.revoke()
 
     def has_add_permission(self, request) -> bool:
         return False  # a token is shown once: make it on the API tokens page

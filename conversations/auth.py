@@ -19,10 +19,6 @@ def bearer_token(scope) -> str | None:
     return None
 
 
-def token_group(token_id: int) -> str:
-    return f"token.{token_id}"
-
-
 class TokenAuthMiddleware:
     def __init__(self, inner):
         self.inner = inner
@@ -32,7 +28,7 @@ class TokenAuthMiddleware:
         scope = {
             **scope,
             "user": token.user if token else AnonymousUser(),
-            "api_token": token.pk if token else None,
+            "api_token": token,
         }
         return await self.inner(scope, receive, send)
 

@@ -1,8 +1,10 @@
 """The WebSocket protocol v1 (docs/protocol.md): validate a frame, check
 permission, hand off to the models and to replies.py."""
 
+import asyncio
 import json
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -12,7 +14,6 @@ from django.conf import settings
 from django.core.cache import cache
 
 from . import llm, replies
-from .auth import token_group
 from .models import Busy, Conversation, Message, NothingToAnswer
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # The seq of each live reply that this client holds, so it gets
         # every delta after it once: none missed, none repeated.
         self.held: dict[str, int] = {}
-        self.token_id = self.scope.get("api_token")
-        if self.token_id is not None:
-            await self.channel_layer.group_add(token_group(self.token_id), self.channel_name)
+        # When each held reply was last heard from (a delta or a heartbeat).
+        self.heard: dict[str, float] = {}
+        self.token = self.scope.get("api_token")
+        if self.token is not None:
+            await self.channel_layer.group_add(self.token.group, self.channel_name)
         await self.accept()
+        self.watchdog = asyncio.create_task(self.watch_replies())
         await _interrupt_orphans_once()
         try:
             models, state = await llm.list_models(), "ok"
@@ -74,8 +78,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
 
     async def disconnect(self, code: int) -> None:
-        if getattr(self, "token_id", None) is not None:
-            await self.channel_layer.group_discard(token_group(self.token_id), self.channel_name)
+        if hasattr(self, "watchdog"):
+            self.watchdog.cancel()
+        if getattr(self, "token", None) is not None:
+            await self.channel_layer.group_discard(self.token.group, self.channel_name)
         for conversation_id in getattr(self, "subscriptions", ()):
             await self.channel_layer.group_discard(
                 replies.conversation_group(conversation_id), self.channel_name
@@ -164,7 +170,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         }
         await self.send_frame(message_frame, request_id)
         await self.broadcast(conversation.pk, message_frame, skip_self=True)
-        self.held[str(reply.pk)] = 0
+        self.hold(str(reply.pk), 0)
         replies.start(conversation, reply, self.channel_name, request_id)
 
     async def on_stop(self, frame: dict, request_id: str | None) -> None:
@@ -195,7 +201,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     "message": superseded.as_frame(),
                 },
             )
-        self.held[str(reply.pk)] = 0
+        self.hold(str(reply.pk), 0)
         replies.start(conversation, reply, self.channel_name, request_id)
 
     async def on_subscribe(self, frame: dict, request_id: str | None) -> None:
@@ -247,6 +253,37 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if not await _allow_send(self.user.pk):
             raise FrameError("rate_limited", "Too many messages; wait a minute and try again.")
 
+    def hold(self, message_id: str, seq: int) -> None:
+        self.held[message_id] = seq
+        self.heard[message_id] = time.monotonic()
+
+    def release(self, message_id: str) -> None:
+        self.held.pop(message_id, None)
+        self.heard.pop(message_id, None)
+
+    async def watch_replies(self) -> None:
+        """A reply whose process died never sends its end. After three
+        heartbeats of silence, look it up: current_frame() ends it for every
+        tab if its writer is gone, and resends it if we only missed events."""
+        beat = Message.HEARTBEAT.total_seconds()
+        while True:
+            await asyncio.sleep(beat)
+            now = time.monotonic()
+            for message_id in [m for m, t in self.heard.items() if now - t > 3 * beat]:
+                self.heard[message_id] = now
+                message = await Message.objects.filter(pk=message_id).afirst()
+                if message is None:
+                    self.release(message_id)
+                    continue
+                frame = await self.current_frame(message)
+                await self.send_json(
+                    {
+                        "type": "message",
+                        "conversation": str(message.conversation_id),
+                        "message": frame,
+                    }
+                )
+
     async def subscribe(self, conversation: Conversation) -> None:
         conversation_id = str(conversation.pk)
         if conversation_id not in self.subscriptions:
@@ -275,11 +312,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     await self.broadcast(message.conversation_id, end_frame(message))
         if frame is None:
             frame = message.as_frame()
-        if message.role == Message.Role.ASSISTANT:
-            self.held[str(message.pk)] = frame["seq"]
+        if frame["status"] in Message.LIVE_STATUSES:
+            self.hold(str(message.pk), frame["seq"])
+        else:
+            self.release(str(message.pk))
         return frame
 
     # Channel-layer events.
+
+    async def chat_alive(self, event: dict) -> None:
+        if event["message"] in self.heard:
+            self.heard[event["message"]] = time.monotonic()
 
     async def chat_event(self, event: dict) -> None:
         frame = event["frame"]
@@ -289,7 +332,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if conversation_id is not None and conversation_id not in self.subscriptions:
             return  # arrived after an unsubscribe
         if frame["type"] == "start":
-            self.held[frame["message"]] = 0
+            self.hold(frame["message"], 0)
         elif frame["type"] == "delta":
             message_id, seq = frame["message"], frame["seq"]
             held = self.held.get(message_id, seq - 1)
@@ -305,9 +348,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     {"type": "message", "conversation": conversation_id, "message": snapshot}
                 )
                 return
-            self.held[message_id] = seq
+            self.hold(message_id, seq)
         elif frame["type"] == "end":
-            self.held.pop(frame["message"], None)
+            self.release(frame["message"])
         await self.send_json(frame)
 
     async def token_revoked(self, event: dict) -> None:

@@ -4,6 +4,8 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import models, transaction
 from django.urls import reverse
@@ -322,6 +324,13 @@ class ApiToken(models.Model):
         )
         return token, plain
 
+    @property
+    def group(self) -> str:
+        """The channel-layer group of the sockets opened with this token."""
+        return f"token.{self.pk}"
+
     def revoke(self) -> None:
         self.revoked = timezone.now()
         self.save(update_fields=["revoked"])
+        # Sockets opened with the token close now, in whichever process.
+        async_to_sync(get_channel_layer().group_send)(self.group, {"type": "token.revoked"})

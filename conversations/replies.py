@@ -163,7 +163,17 @@ class Reply:
             try:
                 await asyncio.wait_for(self.wake.wait(), heartbeat)
             except TimeoutError:
-                await self._save()  # still alive, for other processes' sake
+                # Still alive, though quiet: say so to the database and to the
+                # sockets, which otherwise take a long silence for a death.
+                await self._save()
+                await self.layer.group_send(
+                    self.group,
+                    {
+                        "type": "chat.alive",
+                        "conversation": self.conversation_id,
+                        "message": self.message_id,
+                    },
+                )
                 continue
             self.wake.clear()
             await self._flush()

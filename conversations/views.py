@@ -1,5 +1,3 @@
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
@@ -8,7 +6,6 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from .auth import token_group
 from .models import TITLE_LENGTH, ApiToken, Conversation
 
 
@@ -124,6 +121,4 @@ def tokens(request: HttpRequest) -> HttpResponse:
 def token_revoke(request: HttpRequest, pk: int) -> HttpResponse:
     token = get_object_or_404(ApiToken.objects.for_user(request.user).active(), pk=pk)
     token.revoke()
-    # Sockets opened with the token close now, in whichever process they are.
-    async_to_sync(get_channel_layer().group_send)(token_group(token.pk), {"type": "token.revoked"})
     return redirect("tokens")

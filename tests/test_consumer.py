@@ -542,3 +542,34 @@ async def test_a_reply_whose_writer_died_is_shown_interrupted_to_every_tab(alice
     assert end["status"] == "interrupted" and end["message"] == str(reply.pk)
     await reply.arefresh_from_db()
     assert reply.status == "interrupted"
+
+
+async def test_a_tab_waiting_on_a_reply_whose_writer_died_is_told_without_asking(
+    alice, fake_llm, monkeypatch
+):
+    monkeypatch.setattr(Message, "HEARTBEAT", timezone.timedelta(seconds=1))
+    conversation = await Conversation.objects.acreate(owner=alice, model="fake")
+    await conversation.messages.acreate(role="user", content="hi")
+    reply = await conversation.messages.acreate(
+        role="assistant", status="streaming", content="half an", seq=3
+    )
+    async with chat_socket(alice) as ws:
+        await ws.send_json_to({"type": "subscribe", "conversation": str(conversation.pk)})
+        frames = await receive_until(ws, "message")
+        frames += await receive_until(ws, "message")
+        assert frames[-1]["message"]["status"] == "streaming"
+        # Nothing more is sent by the client; the dead writer sends nothing.
+        frames = await receive_until(ws, "end", timeout=10)
+    assert frames[-1]["status"] == "interrupted" and frames[-1]["message"] == str(reply.pk)
+    await reply.arefresh_from_db()
+    assert reply.status == "interrupted"
+
+
+async def test_a_quiet_reply_that_is_still_alive_is_not_ended(alice, fake_llm, monkeypatch):
+    monkeypatch.setattr(Message, "HEARTBEAT", timezone.timedelta(seconds=0.2))
+    async with chat_socket(alice) as ws:
+        # Two seconds before the first token: ten heartbeats of silence.
+        await send(ws, "hi", model="fake:ttft=2,n=3")
+        frames = await receive_until(ws, "end", timeout=15)
+    assert frames[-1]["status"] == "complete"
+    assert streamed_text(frames) == expected_text("fake:n=3")

@@ -129,3 +129,15 @@ async def test_a_cookie_socket_must_come_from_an_allowed_origin(alice):
         if connected:
             assert (await ws.receive_json_from(timeout=10))["user"] == "alice"
         await ws.disconnect()
+
+
+async def test_revoking_a_token_anywhere_closes_its_sockets(alice):
+    token, plain = await sync_to_async(ApiToken.issue)(alice, "script")
+    ws = socket({"Authorization": f"Bearer {plain}"})
+    connected, _ = await ws.connect()
+    assert connected
+    await ws.receive_json_from(timeout=10)
+    # As the admin's action or a shell would: the model method, no view.
+    await sync_to_async(token.revoke)()
+    assert await ws.receive_output(timeout=5) == {"type": "websocket.close", "code": 4001}
+    await ws.disconnect()
