@@ -1,0 +1,409 @@
+"""The terminal client (clients/chat.py) as a user runs it: a subprocess
+talking to a real daphne process over loopback, with an API token."""
+
+import asyncio
+import json
+import os
+import pty
+import re
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from urllib.parse import urlencode, urlparse
+
+import pytest
+import websockets
+
+from tests.fake_llm import expected_text, reasoning_for
+from tests.live import ROOT, Browser, Site, site_database
+
+pytestmark = pytest.mark.slow
+
+CLIENT = str(ROOT / "clients" / "chat.py")
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, fake_llm_server):
+    tmp_path = tmp_path_factory.mktemp("client-site")
+    with site_database(tmp_path) as database_url:
+        env = {
+            "DATABASE_URL": database_url,
+            "LLM_BASE_URL": fake_llm_server.base_url,
+            "DEFAULT_MODEL": "fake",
+            # Every test here sends as one user (pk 1, as in every fresh
+            # site): a Redis namespace of its own keeps other sites' rate
+            # counters apart, and the limit is not what is tested here.
+            "REDIS_PREFIX": f"test-client-{uuid.uuid4().hex[:8]}",
+            "CHAT_RATE_LIMIT": "10000",
+        }
+        site = Site(env).start(tmp_path)
+        try:
+            site.manage(
+                "shell",
+                "-c",
+                "from django.contrib.auth import get_user_model; "
+                "get_user_model().objects.create_user('erin', password='correct horse battery')",
+            )
+            site.token = site.manage("create_token", "erin").strip()
+            yield site
+        finally:
+            site.stop()
+
+
+def client_env(site: Site, url: str | None = None, token: str | None = None) -> dict[str, str]:
+    # The token travels in the environment, as the client recommends; no
+    # proxy settings may send loopback traffic elsewhere.
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(CHATSITE_URL=url or site.ws_url(), CHATSITE_TOKEN=token or site.token)
+    return env
+
+
+def run_client(site: Site, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, CLIENT, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=client_env(site),
+        cwd=ROOT,
+    )
+
+
+async def start_client(site: Site, *args: str, url: str | None = None, token: str | None = None):
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        CLIENT,
+        *args,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=client_env(site, url, token),
+        cwd=ROOT,
+    )
+
+
+async def read_until(stream: asyncio.StreamReader, needle: bytes, seconds: float = 20) -> bytes:
+    data = b""
+    async with asyncio.timeout(seconds):
+        while needle not in data:
+            chunk = await stream.read(256)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def conversation_of(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("[conversation ")]
+    assert len(lines) == 1, stderr
+    return lines[0].removeprefix("[conversation ").rstrip("]")
+
+
+def messages_of(site: Site, conversation_id: str) -> list[tuple[str, str, str]]:
+    """(role, content, status) of a conversation's messages, oldest first."""
+    query = (
+        "SELECT role, content, status FROM conversations_message"
+        " WHERE conversation_id = %s ORDER BY created"
+    )
+    url = site.env["DATABASE_URL"]
+    if url.startswith("sqlite"):
+        with sqlite3.connect(urlparse(url).path) as db:
+            # SQLite stores Django's UUIDs as 32 hex digits.
+            key = conversation_id.replace("-", "")
+            return db.execute(query.replace("%s", "?"), (key,)).fetchall()
+    import psycopg
+
+    with psycopg.connect(url) as db:
+        return db.execute(query, (conversation_id,)).fetchall()
+
+
+def test_a_prompt_prints_the_answer_and_exits_0(site):
+    result = run_client(site, "Hello there")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_text("fake") + "\n"
+    conversation = conversation_of(result.stderr)
+    assert messages_of(site, conversation) == [
+        ("user", "Hello there", "complete"),
+        ("assistant", expected_text("fake"), "complete"),
+    ]
+
+
+def test_a_failed_reply_exits_1_with_the_error_code(site):
+    result = run_client(site, "--model", "nope", "Hello")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "model_not_found" in result.stderr
+
+
+def test_a_refused_token_exits_2(site):
+    result = subprocess.run(
+        [sys.executable, CLIENT, "--token", "cs_not-a-token", "Hello"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=client_env(site),
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "refused the token" in result.stderr
+    assert result.stdout == ""
+
+
+def test_repl_two_prompts_then_new_and_model(site, fake_llm_server):
+    lines = ["First question", "Second question", "/new", "/model fake-think", "Third", "/exit"]
+    result = run_client(site, stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    fake, think = expected_text("fake"), expected_text("fake-think")
+    # stdin is not a terminal: no prompts, only the answers on stdout, and
+    # the reasoning (undimmed) on stderr.
+    assert result.stdout == f"{fake}\n{fake}\n{think}\n"
+    assert reasoning_for("fake-think") in result.stderr
+    assert "\x1b[" not in result.stdout + result.stderr
+    first, second = (line for line in result.stderr.splitlines() if line.startswith("[conv"))
+    assert first != second
+    assert [m[0] for m in messages_of(site, conversation_of(first))] == ["user", "assistant"] * 2
+    last = fake_llm_server.requests[-1]
+    assert last["model"] == "fake-think"
+    assert last["messages"] == [{"role": "user", "content": "Third"}]
+
+
+def test_repl_lists_models_and_ends_at_eof(site):
+    result = run_client(site, stdin="/model\n")
+    assert result.returncode == 0, result.stderr
+    # The server's list, sorted, with the default model marked.
+    assert result.stdout.splitlines() == [
+        "* fake",
+        "  fake-long",
+        "  fake-reasoning-field",
+        "  fake-slow",
+        "  fake-think",
+    ]
+
+
+def test_on_a_terminal_it_prompts_and_dims_the_reasoning(site):
+    controller, terminal = pty.openpty()
+    client = subprocess.Popen(
+        [sys.executable, CLIENT],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+        env=client_env(site),
+        cwd=ROOT,
+    )
+    os.close(terminal)
+    screen = b""
+    try:
+        os.write(controller, b"/model fake-think\nThink\n/exit\n")
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.1)[0]:
+                try:
+                    screen += os.read(controller, 4096)
+                except OSError:  # read to the end: the client has closed the terminal
+                    break
+            elif client.poll() is not None:
+                break
+        client.wait(timeout=10)
+    finally:
+        if client.poll() is None:
+            client.kill()
+        client.wait()
+        os.close(controller)
+        errors = client.stderr.read().decode()
+        client.stderr.close()
+    text = screen.decode()
+    assert client.returncode == 0, errors
+    assert "> " in text and "\x1b[2mr1" in text
+    answer = expected_text("fake-think")
+    assert f"\x1b[0m\r\n{answer}\r\n" in text  # the answer starts on a line of its own
+    assert "r1" not in errors
+
+
+def test_no_reasoning_hides_the_reasoning(site):
+    result = run_client(site, "--model", "fake-think", "--no-reasoning", "Think")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_text("fake-think") + "\n"
+    for word in reasoning_for("fake-think").split():
+        assert word not in result.stdout + result.stderr
+
+
+def test_conversation_continues_an_existing_one(site, fake_llm_server):
+    first = run_client(site, "--system", "Be brief.", "One")
+    assert first.returncode == 0, first.stderr
+    conversation = conversation_of(first.stderr)
+    second = run_client(site, "--conversation", conversation, "Two")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == expected_text("fake") + "\n"
+    assert "[conversation" not in second.stderr  # no new one was made
+    assert fake_llm_server.requests[-1]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "One"},
+        {"role": "assistant", "content": expected_text("fake")},
+        {"role": "user", "content": "Two"},
+    ]
+    missing = run_client(site, "--conversation", "00000000-0000-0000-0000-000000000000", "Hi")
+    assert missing.returncode == 1
+    assert "not_found" in missing.stderr
+
+
+async def test_ctrl_c_stops_the_reply_and_keeps_the_repl(site):
+    client = await start_client(site, "--model", "fake-slow")
+    try:
+        client.stdin.write(b"Tell me a long story\n")
+        await client.stdin.drain()
+        shown = await read_until(client.stdout, b"w2 ")
+        assert shown.startswith(b"w1 ")
+        client.send_signal(signal.SIGINT)
+        errors = await read_until(client.stderr, b"[stopped]")
+        assert b"[stopped]" in errors
+        client.stdin.write(b"/exit\n")
+        await client.stdin.drain()
+        rest, more_errors = await asyncio.wait_for(client.communicate(), TIMEOUT)
+    finally:
+        if client.returncode is None:
+            client.kill()
+            await client.wait()
+    assert client.returncode == 0, errors + more_errors
+    conversation = conversation_of((errors + more_errors).decode())
+    rows = await asyncio.to_thread(messages_of, site, conversation)
+    (_, partial, status) = rows[-1]
+    assert status == "stopped"
+    assert expected_text("fake-slow").startswith(partial) and len(partial) < len(
+        expected_text("fake-slow")
+    )
+    # What the user saw is exactly what was kept.
+    assert (shown + rest).decode() == partial + "\n"
+
+
+async def test_ctrl_c_at_the_prompt_exits_cleanly(site):
+    client = await start_client(site)
+    try:
+        client.stdin.write(b"/model\n")
+        await client.stdin.drain()
+        await read_until(client.stdout, b"fake-think\n")
+        client.send_signal(signal.SIGINT)
+        _, errors = await asyncio.wait_for(client.communicate(), TIMEOUT)
+    finally:
+        if client.returncode is None:
+            client.kill()
+            await client.wait()
+    assert client.returncode == 0
+    assert b"Traceback" not in errors
+
+
+def revoke_tokens(browser: Browser) -> None:
+    """Revoke every token on the user's "API tokens" page, as the user would."""
+    page = browser.get("/tokens/")
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+    paths = re.findall(r'action="(/tokens/\d+/revoke/)"', page)
+    assert paths
+    for path in paths:
+        data = urlencode({"csrfmiddlewaretoken": csrf}).encode()
+        browser.opener.open(browser.base_url + path, data=data, timeout=10).close()
+
+
+async def test_a_revoked_token_ends_the_repl_with_2(site):
+    browser = Browser(site.url())
+    await asyncio.to_thread(browser.sign_up, "frank")
+    token = (await asyncio.to_thread(site.manage, "create_token", "frank")).strip()
+    client = await start_client(site, token=token)
+    try:
+        client.stdin.write(b"Hello\n")
+        await client.stdin.drain()
+        answer = await read_until(client.stdout, b"\n")
+        assert answer.decode() == expected_text("fake") + "\n"
+        await asyncio.to_thread(revoke_tokens, browser)
+        # No more input: the socket's close alone ends the REPL.
+        out, err = await asyncio.wait_for(client.communicate(), TIMEOUT)
+    finally:
+        if client.returncode is None:
+            client.kill()
+            await client.wait()
+    assert client.returncode == 2, err
+    assert b"revoked" in err and out == b""
+
+
+class Proxy:
+    """A WebSocket relay in front of the site that, on its first connection,
+    swallows one delta (a gap) or drops the client without a close frame (a
+    network failure) when it sees the delta with the given seq."""
+
+    def __init__(self, upstream: str, *, drop_seq: int = 0, cut_seq: int = 0):
+        self.upstream, self.drop_seq, self.cut_seq = upstream, drop_seq, cut_seq
+        self.connections = 0
+        self.subscribes = 0
+
+    async def __aenter__(self) -> str:
+        self.server = await websockets.serve(self.relay, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"ws://127.0.0.1:{port}/ws/chat/"
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def relay(self, client) -> None:
+        self.connections += 1
+        first = self.connections == 1
+        headers = {"Authorization": client.request.headers["Authorization"]}
+        async with websockets.connect(self.upstream, additional_headers=headers) as upstream:
+
+            async def down() -> None:
+                async for raw in upstream:
+                    frame = json.loads(raw)
+                    if first and frame["type"] == "delta":
+                        if frame["seq"] == self.drop_seq:
+                            continue
+                        if frame["seq"] == self.cut_seq:
+                            client.transport.abort()
+                            return
+                    await client.send(raw)
+
+            async def up() -> None:
+                async for raw in client:
+                    self.subscribes += json.loads(raw)["type"] == "subscribe"
+                    await upstream.send(raw)
+
+            tasks = [asyncio.create_task(down()), asyncio.create_task(up())]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_through(site: Site, proxy: Proxy, model: str) -> tuple[int, str, str]:
+    async with proxy as url:
+        client = await start_client(site, "--model", model, "Go on", url=url)
+        try:
+            out, err = await asyncio.wait_for(client.communicate(), TIMEOUT)
+        finally:
+            if client.returncode is None:
+                client.kill()
+                await client.wait()
+    return client.returncode, out.decode(), err.decode()
+
+
+async def test_reconnects_after_a_dropped_connection_and_resumes_exactly(site):
+    model = "fake:n=100,delay=0.03"
+    proxy = Proxy(site.ws_url(), cut_seq=8)
+    code, out, err = await run_through(site, proxy, model)
+    assert code == 0, err
+    assert "reconnecting" in err
+    assert proxy.connections == 2 and proxy.subscribes == 1
+    # No gap and no repeat: exactly the model's text.
+    assert out == expected_text(model) + "\n"
+
+
+async def test_a_gap_in_the_deltas_is_filled_by_resubscribing(site):
+    model = "fake:n=60,delay=0.03"
+    proxy = Proxy(site.ws_url(), drop_seq=5)
+    code, out, err = await run_through(site, proxy, model)
+    assert code == 0, err
+    assert proxy.connections == 1 and proxy.subscribes == 1
+    assert out == expected_text(model) + "\n"
