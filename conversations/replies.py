@@ -82,7 +82,6 @@ class Reply:
         self.started = time.monotonic()
         self.first_token: float | None = None
         self.last_save = self.started
-        self.saved_seq = 0
         self.stopping = False
         self.finishing = False
         self.wake = asyncio.Event()
@@ -92,6 +91,7 @@ class Reply:
         control = await self.layer.new_channel()
         await self.layer.group_add(control_group(self.conversation_id), control)
         listener = asyncio.create_task(self._listen(control))
+        pump: asyncio.Task | None = None
         status, error = Message.Status.COMPLETE, None
         try:
             history = await database_sync_to_async(self._history)()
@@ -130,7 +130,9 @@ class Reply:
             error = error or llm.LLMError("upstream_error", f"Internal error: {exc}")
             status = Message.Status.ERROR
         finally:
-            listener.cancel()
+            for task in (listener, pump, self.stream):
+                if task is not None and not task.done():
+                    task.cancel()
             await self.layer.group_discard(control_group(self.conversation_id), control)
         await self._finish(status, error)
 
