@@ -42,6 +42,7 @@ def bad_request(message: str) -> FrameError:
 
 
 NOT_FOUND = "No such conversation."
+BUSY = "A reply is still being written in this conversation."
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -155,9 +156,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except Conversation.DoesNotExist:
             raise FrameError("not_found", NOT_FOUND) from None
         except Busy:
-            raise FrameError(
-                "busy", "A reply is still being written in this conversation."
-            ) from None
+            raise FrameError("busy", BUSY) from None
         await self.subscribe(conversation)
         if created:
             await self.send_frame(conversation_frame(conversation), request_id)
@@ -186,9 +185,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 None, model, conversation.options
             )
         except Busy:
-            raise FrameError(
-                "busy", "A reply is still being written in this conversation."
-            ) from None
+            raise FrameError("busy", BUSY) from None
         except NothingToAnswer:
             raise bad_request("There is no message to answer in this conversation.") from None
         await self.subscribe(conversation)
@@ -435,33 +432,20 @@ async def _allow_send(user_id: int) -> bool:
 
 @database_sync_to_async
 def _begin_send(user, conversation_id, content, model, system, options, default_model):
-    """The conversation (created when the id is None), whether it is new or
-    its settings changed, the saved user message and the reply row."""
-    changed = []
-    if conversation_id is None:
-        conversation = Conversation.objects.create(
-            owner=user,
-            model=model or default_model,
-            system_prompt=system or "",
-            options=options or {},
-        )
-        created = True
-    else:
-        conversation = Conversation.objects.for_user(user).get(pk=conversation_id)
-        created = False
-        for field, value in (("model", model), ("system_prompt", system), ("options", options)):
-            if value is not None and getattr(conversation, field) != value:
-                setattr(conversation, field, value)
-                changed.append(field)
-        if changed:
-            conversation.save(update_fields=changed)
-    if not conversation.model:
-        conversation.model = default_model
-        conversation.save(update_fields=["model"])
+    """The conversation, whether it is new or its settings changed, the
+    saved user message and the reply row, in one trip to the database."""
+    conversation, created, changed = Conversation.objects.for_send(
+        user,
+        conversation_id,
+        model=model,
+        system=system,
+        options=options,
+        default_model=default_model,
+    )
     user_message, reply, _ = conversation.start_turn(
         content, conversation.model, conversation.options
     )
-    return conversation, created, bool(changed), user_message, reply
+    return conversation, created, changed, user_message, reply
 
 
 _swept = False

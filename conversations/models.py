@@ -20,6 +20,44 @@ class ConversationQuerySet(models.QuerySet):
             return self.none()
         return self.filter(owner=user)
 
+    def for_send(
+        self,
+        user,
+        pk: Any,
+        *,
+        model: str | None,
+        system: str | None,
+        options: dict[str, Any] | None,
+        default_model: str,
+    ) -> tuple["Conversation", bool, bool]:
+        """Where a user's `send` goes, with the settings it carries applied:
+        a new conversation when pk is None, else one of the user's own
+        (DoesNotExist otherwise). Also says whether it is new and whether
+        its settings changed."""
+        if pk is None:
+            conversation = self.create(
+                owner=user,
+                model=model or default_model,
+                system_prompt=system or "",
+                options=options or {},
+            )
+            return conversation, True, False
+        conversation = self.for_user(user).get(pk=pk)
+        wanted = {"model": model, "system_prompt": system, "options": options}
+        changed = [
+            field
+            for field, value in wanted.items()
+            if value is not None and getattr(conversation, field) != value
+        ]
+        for field in changed:
+            setattr(conversation, field, wanted[field])
+        if not conversation.model:
+            conversation.model = default_model
+            changed.append("model")
+        if changed:
+            conversation.save(update_fields=changed)
+        return conversation, False, bool(changed)
+
 
 class Busy(Exception):
     """A reply is already being written in this conversation."""

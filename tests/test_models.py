@@ -517,3 +517,26 @@ def test_timing_tokens_per_second(completion, ttft, duration, rate):
     )
 
     assert message.timing() == {"ttft_ms": ttft, "duration_ms": duration, "tokens_per_s": rate}
+
+
+@pytest.mark.django_db
+def test_for_send_creates_or_finds_only_my_conversation_and_applies_settings(alice, bob):
+    new, created, changed = Conversation.objects.for_send(
+        alice, None, model=None, system="Be kind.", options=None, default_model="fake"
+    )
+    assert created and not changed
+    assert (new.owner, new.model, new.system_prompt) == (alice, "fake", "Be kind.")
+    same, created, changed = Conversation.objects.for_send(
+        alice, new.pk, model="fake", system=None, options=None, default_model="x"
+    )
+    assert same == new and not created and not changed
+    same, _, changed = Conversation.objects.for_send(
+        alice, new.pk, model="fake-think", system=None, options={"seed": 1}, default_model="x"
+    )
+    assert changed
+    new.refresh_from_db()
+    assert (new.model, new.system_prompt, new.options) == ("fake-think", "Be kind.", {"seed": 1})
+    with pytest.raises(Conversation.DoesNotExist):
+        Conversation.objects.for_send(
+            bob, new.pk, model="evil", system=None, options=None, default_model="x"
+        )
