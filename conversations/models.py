@@ -1,4 +1,5 @@
 import hashlib
+import re
 import secrets
 import uuid
 from datetime import timedelta
@@ -12,6 +13,8 @@ from django.urls import reverse
 from django.utils import timezone
 
 TITLE_LENGTH = 80
+CODE_FENCE = re.compile(r"```[\w+-]*")
+MARKDOWN_MARKERS = re.compile(r"(?m)^[ \t]*(?:#{1,6}|>|[-*+]|\d+[.)])[ \t]+")
 
 
 class ConversationQuerySet(models.QuerySet):
@@ -133,7 +136,10 @@ class Conversation(models.Model):
         return system + turns
 
     def title_from(self, content: str) -> str:
-        line = " ".join(content.split())
+        # Markdown markers at the start of lines ("## ", "> ", "- ") and code
+        # fences say nothing about the subject.
+        plain = CODE_FENCE.sub(" ", MARKDOWN_MARKERS.sub("", content))
+        line = " ".join(plain.split()) or " ".join(content.split())
         return line if len(line) <= TITLE_LENGTH else line[: TITLE_LENGTH - 1].rstrip() + "…"
 
     def reply_in_progress(self) -> "Message | None":

@@ -540,3 +540,10 @@ def test_for_send_creates_or_finds_only_my_conversation_and_applies_settings(ali
         Conversation.objects.for_send(
             bob, new.pk, model="evil", system=None, options=None, default_model="x"
         )
+
+
+def test_title_leaves_out_markdown_markers(chat):
+    chat.start_turn("## Binary search\n\n- in Python\n```python\nprint(1)\n```", "fake", {})
+
+    chat.refresh_from_db()
+    assert chat.title == "Binary search in Python print(1)"

@@ -57,7 +57,7 @@ const FAILED = new Set(["error", "interrupted"]);
 
 // Words a user understands, per error code of the protocol.
 const FRIENDLY = {
-  upstream_unavailable: "The model server is not reachable. Is Ollama running?",
+  upstream_unavailable: "The model server is not reachable. Is it running?",
   model_not_found: "This model is not installed on the model server.",
   timeout: "The model server took too long to answer.",
   upstream_error: "The model server reported an error while answering.",

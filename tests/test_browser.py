@@ -1,0 +1,741 @@
+"""The chat page in a real browser: Debian's chromium driven by Playwright,
+against real daphne processes and the fake model server, as a user would.
+
+Every test signs up a user of its own on a site shared by the module. The
+tests are plain `def` functions: Playwright's sync API cannot run inside the
+event loop pytest-asyncio gives async tests."""
+
+import re
+import shutil
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from tests.browser_support import (
+    CHROMIUM,
+    LAUNCH_ARGS,
+    PASSWORD,
+    RecordingServer,
+    all_prefixes,
+    answer,
+    answer_text,
+    axe_violations,
+    choose_model,
+    conversation_id,
+    describe_violations,
+    eventually,
+    last_reply,
+    record_replies,
+    samples,
+    send,
+    sign_up,
+    site_message,
+    unique,
+    wait_until_ready,
+)
+from tests.fake_llm import expected_text
+from tests.live import ROOT, Site, free_port, site_database
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+if not CHROMIUM.exists():
+    pytest.skip(
+        "Debian's chromium is not installed at /usr/bin/chromium (apt-get install chromium); "
+        "the browser tests never download a browser of their own",
+        allow_module_level=True,
+    )
+
+expect.set_options(timeout=15_000)
+
+SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
+DOCS = ROOT / "docs"
+REPLY_DONE = 30_000  # ms: the slowest fake reply takes about 6 s
+
+# A reply with the markdown a README screenshot should show off; short
+# enough that the whole reply fits a desktop window.
+MARKDOWN = """## Binary search in Python
+
+Binary search finds an item in a **sorted** list in `O(log n)` steps:
+
+- compare the target with the middle item
+- keep the half that can still hold it
+
+| items | steps at most |
+|---:|---:|
+| 1,000 | 10 |
+| 1,000,000 | 20 |
+
+```python
+def search(items, target):
+    lo, hi = 0, len(items) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if items[mid] < target: lo = mid + 1
+        elif items[mid] > target: hi = mid - 1
+        else: return mid
+    return -1
+```"""
+
+# The same without a code block (see test_code_blocks_pass_axe).
+MARKDOWN_WITHOUT_CODE = MARKDOWN.split("```")[0].strip()
+
+# What a model steered by a hostile document might write. {origin} is a
+# loopback host the page must never contact.
+HOSTILE = """Here is what you asked for.
+
+<img src=x onerror="window.__pwned=1">
+
+<script>window.__pwned=2</script>
+
+[click](javascript:window.__pwned=3)
+
+<svg onload="window.__pwned=4"></svg>
+
+![x]({origin}/evil.png)
+
+Inline: <img src=x onerror="window.__pwned=5"> and <a href="javascript:window.__pwned=6">this</a>.
+
+<iframe src="{origin}/frame"></iframe>
+
+<img src="{origin}/raw.png">
+
+[encoded](&#106;avascript:window.__pwned=7) and [by reference][evil].
+
+[evil]: javascript:window.__pwned=8
+"""
+
+# ---------------------------------------------------------------- fixtures
+
+
+def live_site(tmp_path: Path, llm_base_url: str):
+    with site_database(tmp_path) as database_url:
+        env = {
+            "DATABASE_URL": database_url,
+            "LLM_BASE_URL": llm_base_url,
+            "DEFAULT_MODEL": "fake",
+        }
+        site = Site(env).start(tmp_path)
+        try:
+            yield site
+        finally:
+            site.stop()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, fake_llm_server):
+    yield from live_site(tmp_path_factory.mktemp("browser-site"), fake_llm_server.base_url)
+
+
+@pytest.fixture(scope="module")
+def down_site(tmp_path_factory):
+    """A site whose model server is a closed loopback port."""
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    yield from live_site(tmp_path_factory.mktemp("down-site"), closed)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def new_context(browser):
+    """Make browser contexts (closed after the test). Any uncaught script
+    error, or any request that leaves 127.0.0.1, fails the test."""
+    contexts, errors, elsewhere = [], [], []
+
+    def on_request(request):
+        url = urlparse(request.url)
+        if url.scheme in ("http", "https", "ws", "wss") and url.hostname != "127.0.0.1":
+            elsewhere.append(request.url)
+
+    def make(**options):
+        context = browser.new_context(**options)
+        context.set_default_timeout(15_000)
+        context.on("weberror", lambda error: errors.append(str(error.error)))
+        context.on("request", on_request)
+        contexts.append(context)
+        return context
+
+    yield make
+    for context in contexts:
+        context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+    assert not elsewhere, f"requests that left 127.0.0.1: {elsewhere}"
+
+
+@pytest.fixture
+def page(new_context, site):
+    """A new user on the chat page."""
+    page = new_context().new_page()
+    sign_up(page, site, unique("user"))
+    return page
+
+
+def finished(reply, status: str = "complete") -> None:
+    expect(reply).to_have_attribute("data-status", status, timeout=REPLY_DONE)
+
+
+# ---------------------------------------------------------------- accounts
+
+
+def test_sign_up_log_out_and_log_in(new_context, site):
+    page = new_context().new_page()
+    page.goto(site.url() + "/")
+    expect(page).to_have_url(re.compile(r"/accounts/login/\?next=/$"))
+    page.get_by_role("link", name="Create an account").click()
+    expect(page.get_by_role("heading", name="Create an account")).to_be_visible()
+
+    username = unique("newcomer")
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_label("Password confirmation").fill(PASSWORD)
+    page.get_by_role("button", name="Sign up").click()
+    expect(page).to_have_url(site.url() + "/")
+    expect(page.locator(".account-nav .username")).to_have_text(username)
+    expect(page.locator("#connection-status")).to_have_text("connected")
+    expect(page.locator("#prompt")).to_be_focused()
+
+    page.get_by_role("button", name="Log out").click()
+    expect(page).to_have_url(re.compile(r"/accounts/login/$"))
+    page.goto(site.url() + "/")
+    expect(page).to_have_url(re.compile(r"/accounts/login/\?next=/$"))
+
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill("not the password")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("alert")).to_contain_text("enter a correct username and password")
+
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page).to_have_url(site.url() + "/")
+    expect(page.locator(".account-nav .username")).to_have_text(username)
+    wait_until_ready(page)
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def test_answer_arrives_in_several_steps(page, site):
+    model = "fake-slow"  # 40 words, 0.15 s apart
+    full = expected_text(model)
+    choose_model(page, model)
+    record_replies(page)
+    send(page, "Tell me a story")
+
+    reply = last_reply(page)
+    expect(reply).to_have_attribute("data-status", "streaming")
+    expect(page.locator("#stop")).to_be_visible()
+    expect(page.locator("#send")).to_be_hidden()
+    expect(page.locator("#prompt")).to_be_disabled()
+    finished(reply)
+
+    assert answer_text(reply) == full
+    reply_id = reply.get_attribute("data-id")
+    seen = [s["answer"] for s in samples(page) if s["id"] == reply_id]
+    assert seen == sorted(seen), f"the answer shrank while streaming: {seen}"
+    assert all_prefixes(samples(page), full)
+    partial = {s["answer"] for s in samples(page) if s["status"] == "streaming"} - {0, len(full)}
+    assert len(partial) >= 3, f"the answer arrived in too few steps: {sorted(partial)}"
+
+    expect(reply.locator(".meta-model")).to_have_text(model)
+    expect(reply.locator(".meta-tokens")).to_have_text("40 tokens")
+    expect(reply.locator(".meta-speed")).to_be_visible()
+    expect(page.locator("#send")).to_be_visible()
+    expect(page.locator("#prompt")).to_be_enabled()
+    assert site_message(site, reply_id) == ("assistant", full, "complete", model)
+    # Copy answer puts the exact text on the clipboard.
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    reply.get_by_role("button", name="Copy answer").click()
+    expect(reply.get_by_role("button", name="Copy answer")).to_have_text("Copied")
+    assert page.evaluate("() => navigator.clipboard.readText()") == full
+
+
+def test_stop_keeps_the_partial_answer(page, site, fake_llm_server):
+    model = "fake-slow"
+    full = expected_text(model)
+    cancelled_before = fake_llm_server.cancelled
+    choose_model(page, model)
+    send(page, "Count slowly")
+
+    reply = last_reply(page)
+    expect(answer(reply)).to_contain_text("w3")
+    page.locator("#stop").click()
+    finished(reply, "stopped")
+    expect(reply.locator(".meta-status")).to_have_text("Stopped")
+
+    text = answer_text(reply)
+    words = text.split()
+    assert 3 <= len(words) < len(full.split()), text
+    assert words == full.split()[: len(words)], "the kept text is not a prefix of the answer"
+    # The model server was told to stop, and the database keeps what was shown.
+    assert fake_llm_server.wait_cancelled(cancelled_before + 1)
+    row = eventually(
+        lambda: site_message(site, reply.get_attribute("data-id")),
+        lambda row: row and row[2] == "stopped",
+    )
+    assert row[2] == "stopped" and row[1].split() == words
+    expect(page.locator("#prompt")).to_be_enabled()
+    expect(reply.get_by_role("button", name="Regenerate")).to_be_visible()
+
+
+def test_reload_mid_reply_continues_without_gap_or_repeat(page, site):
+    model = "fake:n=60,delay=0.1"
+    choose_model(page, model)
+    send(page, "A long answer, please")
+    expect(answer(last_reply(page))).to_contain_text("w5")
+    reply_id = last_reply(page).get_attribute("data-id")
+
+    page.reload()
+    record_replies(page)
+    wait_until_ready(page)
+    reply = page.locator(f'#messages > article[data-id="{reply_id}"]')
+    # Still being written after the reload: the page picks the stream up again.
+    expect(reply).to_have_attribute("data-status", "streaming")
+    finished(reply)
+    assert answer_text(reply) == expected_text(model)
+    history = samples(page)
+    assert any(s["status"] == "streaming" for s in history)
+    assert all_prefixes(history, expected_text(model)), "a word was repeated or skipped"
+    assert site_message(site, reply_id)[1:3] == (expected_text(model), "complete")
+
+
+def test_two_tabs_show_the_same_stream(new_context, site):
+    context = new_context()
+    first = context.new_page()
+    sign_up(first, site, unique("user"))
+    choose_model(first, "fake-slow")
+    send(first, "Hello, both of you")
+    expect(answer(last_reply(first))).to_contain_text("w2")
+
+    second = context.new_page()
+    second.goto(f"{site.url()}/c/{conversation_id(first)}/")
+    wait_until_ready(second)
+    record_replies(second)
+    expect(second.locator("#messages > article.user")).to_have_text("Hello, both of you")
+    expect(last_reply(second)).to_have_attribute("data-status", "streaming")
+    expect(second.locator("#stop")).to_be_visible()
+
+    finished(last_reply(first))
+    finished(last_reply(second))
+    full = expected_text("fake-slow")
+    assert answer_text(last_reply(first)) == full
+    assert answer_text(last_reply(second)) == full
+    grew = {s["answer"] for s in samples(second) if s["status"] == "streaming"}
+    assert len(grew - {0, len(full)}) >= 2, "the second tab did not see the reply stream in"
+
+
+def test_stop_in_the_other_tab_stops_the_reply(new_context, site):
+    context = new_context()
+    first = context.new_page()
+    sign_up(first, site, unique("user"))
+    choose_model(first, "fake-slow")
+    send(first, "Stop me from the other tab")
+    expect(answer(last_reply(first))).to_contain_text("w2")
+
+    second = context.new_page()
+    second.goto(f"{site.url()}/c/{conversation_id(first)}/")
+    wait_until_ready(second)
+    expect(last_reply(second)).to_have_attribute("data-status", "streaming")
+    second.locator("#stop").click()
+
+    finished(last_reply(second), "stopped")
+    finished(last_reply(first), "stopped")
+    expect(answer(last_reply(first))).to_have_text(answer_text(last_reply(second)))
+    words = answer_text(last_reply(first)).split()
+    assert words == expected_text("fake-slow").split()[: len(words)]
+    for tab in (first, second):
+        expect(tab.locator("#send")).to_be_visible()
+        expect(tab.locator("#prompt")).to_be_enabled()
+
+
+# ---------------------------------------------------------------- conversations and models
+
+
+def test_rename_and_delete_conversations(page, site):
+    send(page, "First topic")
+    finished(last_reply(page))
+    first_id = conversation_id(page)
+    first = page.locator(f'#conversation-list > li[data-id="{first_id}"]')
+    expect(first.locator(".conversation-title")).to_have_text("First topic")
+
+    first.get_by_role("button", name="Rename conversation").click()
+    field = first.get_by_label("Conversation title")
+    expect(field).to_be_focused()
+    field.fill("Renamed in the browser")
+    field.press("Enter")
+    expect(field).to_have_count(0)
+    expect(first.locator(".conversation-title")).to_have_text("Renamed in the browser")
+    expect(page.locator("#chat-title")).to_have_text("Renamed in the browser")
+    page.reload()
+    wait_until_ready(page)
+    expect(page.locator("#chat-title")).to_have_text("Renamed in the browser")
+    expect(page).to_have_title(re.compile("^Renamed in the browser"))
+
+    page.locator("#new-chat").click()
+    expect(page).to_have_url(site.url() + "/")
+    send(page, "Second topic")
+    finished(last_reply(page))
+    second_id = conversation_id(page)
+    items = page.locator("#conversation-list > li")
+    expect(items).to_have_count(2)
+    expect(items.first).to_have_attribute("data-id", second_id)  # newest first
+
+    # Dismissing the confirmation keeps the conversation.
+    questions = []
+    page.once("dialog", lambda dialog: (questions.append(dialog.message), dialog.dismiss()))
+    first.get_by_role("button", name="Delete conversation").click()
+    assert questions and "Renamed in the browser" in questions[0]
+    expect(items).to_have_count(2)
+
+    page.on("dialog", lambda dialog: dialog.accept())
+    first.get_by_role("button", name="Delete conversation").click()
+    expect(first).to_have_count(0)
+    expect(page).to_have_url(re.compile(f"/c/{second_id}/$"))  # another one: we stay
+    page.locator(f'li[data-id="{second_id}"]').get_by_role(
+        "button", name="Delete conversation"
+    ).click()
+    expect(items).to_have_count(0)
+    expect(page).to_have_url(site.url() + "/")  # the open one: back to a new chat
+    expect(page.locator("#chat-title")).to_have_text("New chat")
+    expect(page.locator("#no-conversations")).to_be_visible()
+
+    page.reload()
+    expect(items).to_have_count(0)
+    for gone in (first_id, second_id):
+        assert page.request.get(f"{site.url()}/c/{gone}/").status == 404
+
+
+def test_switching_model_applies_to_the_next_reply(page, site, fake_llm_server):
+    send(page, "Hello")
+    first = last_reply(page)
+    finished(first)
+    expect(first.locator(".meta-model")).to_have_text("fake")
+    assert fake_llm_server.requests[-1]["model"] == "fake"
+
+    expect(page.locator("#model")).to_have_value("fake")
+    page.locator("#model").select_option("fake-long")
+    send(page, "Hello again")
+    replies = page.locator("#messages > article.message.assistant")
+    expect(replies).to_have_count(2)
+    finished(replies.nth(1))
+    expect(replies.nth(1).locator(".meta-model")).to_have_text("fake-long")
+    expect(replies.nth(0).locator(".meta-model")).to_have_text("fake")
+    assert answer_text(replies.nth(1)) == expected_text("fake-long")
+    assert fake_llm_server.requests[-1]["model"] == "fake-long"
+
+    # The choice belongs to the conversation: it is still there after a reload.
+    page.reload()
+    wait_until_ready(page)
+    expect(page.locator("#model")).to_have_value("fake-long")
+    reply_id = replies.nth(1).get_attribute("data-id")
+    assert site_message(site, reply_id)[3] == "fake-long"
+
+
+# ---------------------------------------------------------------- what the model writes
+
+
+INERT_CHECK = """() => {
+    const box = document.querySelector("#messages");
+    const handlers = [];
+    for (const el of box.querySelectorAll("*")) {
+        for (const attr of el.attributes) {
+            const name = attr.name.toLowerCase();
+            if (name.startsWith("on")) handlers.push(`${el.tagName} ${name}`);
+        }
+    }
+    const links = [...box.querySelectorAll("a[href]")];
+    return {
+        pwned: typeof window.__pwned,
+        scripts: box.querySelectorAll("script").length,
+        svgOnload: box.querySelectorAll("svg[onload]").length,
+        imgOnerror: box.querySelectorAll("img[onerror]").length,
+        embedded: box.querySelectorAll("img, svg, iframe, object, embed").length,
+        handlers,
+        javascriptHref: box.querySelectorAll('a[href^="javascript:" i]').length,
+        javascriptLinks: links.filter((a) => a.protocol === "javascript:").length,
+        resources: performance.getEntriesByType("resource")
+            .map((entry) => entry.name)
+            .filter((name) => name.includes("127.0.0.2")),
+    };
+}"""
+
+
+@pytest.mark.parametrize("bypass_csp", [False, True], ids=["with-csp", "sanitiser-alone"])
+def test_hostile_model_output_is_inert(new_context, site, bypass_csp):
+    """The page's CSP would block script and remote images by itself, so the
+    test also runs with CSP bypassed: the sanitiser alone must be enough."""
+    with RecordingServer("127.0.0.2") as evil:
+        urllib.request.urlopen(evil.origin + "/control", timeout=5).read()
+        assert evil.requests == ["GET /control"], "the recording server does not record"
+        evil.requests.clear()
+
+        context = new_context(bypass_csp=bypass_csp)
+        page = context.new_page()
+        dialogs, to_evil = [], []
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        context.on(
+            "request",
+            lambda request: to_evil.append(request.url) if "127.0.0.2" in request.url else None,
+        )
+        sign_up(page, site, unique("user"))
+        choose_model(page, "fake:echo=raw")
+        hostile = HOSTILE.format(origin=evil.origin)
+        send(page, hostile)
+
+        reply = last_reply(page)
+        finished(reply)
+        # What the user typed is shown as typed; what the model wrote is shown
+        # as text, and the image as a link to it.
+        user = page.locator("#messages > article.user .content")
+        assert user.evaluate("(el) => el.textContent") == hostile
+        expect(answer(reply)).to_contain_text("<script>window.__pwned=2</script>")
+        expect(answer(reply)).to_contain_text('<svg onload="window.__pwned=4"></svg>')
+        image = answer(reply).locator("a.image-link")
+        expect(image).to_have_text("Image: x")
+        expect(image).to_have_attribute("href", f"{evil.origin}/evil.png")
+        # A reader clicking the javascript: links runs nothing.
+        for name in ("click", "encoded", "by reference"):
+            answer(reply).get_by_text(name, exact=True).click()
+
+        page.wait_for_timeout(500)  # a window for any late request or script to show up
+        found = page.evaluate(INERT_CHECK)
+        assert found == {
+            "pwned": "undefined",
+            "scripts": 0,
+            "svgOnload": 0,
+            "imgOnerror": 0,
+            "embedded": 0,
+            "handlers": [],
+            "javascriptHref": 0,
+            "javascriptLinks": 0,
+            "resources": [],
+        }
+        assert dialogs == []
+        assert to_evil == []
+        assert evil.requests == []
+        assert context.pages == [page], "a click opened another window"
+
+
+def test_reasoning_shows_in_a_thinking_block(page):
+    model = "fake-think:delay=0.2"
+    choose_model(page, model)
+    record_replies(page)
+    send(page, "Think before you answer")
+
+    reply = last_reply(page)
+    details = reply.locator("details.reasoning")
+    expect(details).to_be_visible()
+    finished(reply)
+
+    reasoning = reply.locator(".reasoning-text").evaluate("(el) => el.textContent")
+    assert reasoning.split() == [f"r{i}" for i in range(1, 7)]
+    text = answer_text(reply)
+    assert text == expected_text(model)
+    assert "r1" not in text and "think>" not in text
+    expect(details).to_have_js_property("open", False)
+    expect(reply.locator(".reasoning-label")).to_have_text("Thinking")
+
+    history = samples(page)
+    assert any(s["open"] and s["reasoningShown"] and s["reasoning"] for s in history), (
+        "the thinking block was never open while the model was thinking"
+    )
+    assert not [s for s in history if s["answer"] and s["open"]], (
+        "the thinking block stayed open after the answer started"
+    )
+
+    details.locator("summary").click()
+    expect(details).to_have_js_property("open", True)
+    expect(reply.locator(".reasoning-text")).to_be_visible()
+    expect(reply.locator(".reasoning-text")).to_contain_text("r6")
+
+
+def test_model_server_down_shows_an_error_and_retry(new_context, down_site):
+    page = new_context().new_page()
+    sign_up(page, down_site, unique("user"))
+    expect(page.locator("#llm-status")).to_be_visible()
+    expect(page.locator("#llm-status")).to_have_text("Model server unreachable")
+
+    send(page, "Is anyone there?")
+    reply = last_reply(page)
+    finished(reply, "error")
+    error = reply.locator(".message-error")
+    expect(error).to_be_visible()
+    expect(error.locator(".error-text")).to_contain_text("model server is not reachable")
+    shown = error.inner_text()
+    for jargon in ("Traceback", "Exception", "httpx", "Errno", "[object"):
+        assert jargon not in shown, shown
+    retry = reply.get_by_role("button", name="Retry")
+    expect(retry).to_be_visible()
+    failed_id = reply.get_attribute("data-id")
+
+    retry.click()
+    expect(page.locator(f'#messages > article[data-id="{failed_id}"]')).to_have_count(0)
+    replies = page.locator("#messages > article.message.assistant")
+    expect(replies).to_have_count(1)
+    finished(replies.first, "error")
+    expect(replies.first.get_by_role("button", name="Retry")).to_be_visible()
+
+    # The page is still usable: another message, another readable error.
+    send(page, "Still nobody?")
+    expect(replies).to_have_count(2)
+    finished(replies.nth(1), "error")
+    expect(replies.nth(1).locator(".error-text")).to_contain_text("not reachable")
+    expect(replies.first.get_by_role("button", name="Retry")).to_have_count(0)
+    expect(replies.nth(1).get_by_role("button", name="Retry")).to_be_visible()
+    expect(page.locator("#prompt")).to_be_enabled()
+    expect(page.locator("#send")).to_be_visible()
+    expect(page.locator("#connection-status")).to_have_text("connected")
+
+
+def test_keyboard_enter_shift_enter_and_escape(page):
+    prompt = page.locator("#prompt")
+    expect(prompt).to_be_focused()
+    choose_model(page, "fake-slow")
+    prompt.click()
+    page.keyboard.type("line one")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("line two")
+    expect(prompt).to_have_value("line one\nline two")
+    expect(page.locator("#messages > article")).to_have_count(0)
+
+    page.keyboard.press("Enter")
+    user = page.locator("#messages > article.user .content")
+    expect(user).to_have_text("line one\nline two")
+    reply = last_reply(page)
+    expect(answer(reply)).to_contain_text("w2")
+    page.keyboard.press("Escape")
+    finished(reply, "stopped")
+    expect(prompt).to_be_focused()
+
+
+# ---------------------------------------------------------------- accessibility
+
+
+def assert_accessible(page) -> None:
+    violations = axe_violations(page)
+    if violations:
+        print(describe_violations(violations))
+    assert not violations, describe_violations(violations)
+
+
+def test_login_and_signup_pages_pass_axe(new_context, site):
+    # The checker is injected as an inline script, which the page's CSP refuses.
+    page = new_context(bypass_csp=True).new_page()
+    page.goto(site.url() + "/accounts/login/")
+    assert_accessible(page)
+    page.get_by_label("Username").fill("nobody")
+    page.get_by_label("Password").fill("wrong")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("alert")).to_be_visible()
+    assert_accessible(page)
+    page.goto(site.url() + "/accounts/signup/")
+    assert_accessible(page)
+
+
+def chat_with_replies(new_context, site, scheme: str, markdown: str):
+    page = new_context(bypass_csp=True, color_scheme=scheme).new_page()
+    sign_up(page, site, unique("user"))
+    choose_model(page, "fake:echo=raw")
+    send(page, markdown)
+    finished(last_reply(page))
+    choose_model(page, "fake-think")
+    send(page, "And think about it")
+    finished(last_reply(page))
+    page.locator("#settings > summary").click()
+    return page
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_chat_page_with_replies_passes_axe(new_context, site, scheme):
+    """Headings, lists, a table, inline code, a thinking block, the footers
+    and the open settings; code blocks have a test of their own below."""
+    page = chat_with_replies(new_context, site, scheme, MARKDOWN_WITHOUT_CODE)
+    expect(page.locator("#messages table")).to_be_visible()
+    assert_accessible(page)
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_code_blocks_pass_axe(new_context, site, scheme):
+    page = chat_with_replies(new_context, site, scheme, MARKDOWN)
+    expect(page.locator("#messages pre code.hljs")).to_be_visible()
+    assert_accessible(page)
+
+
+def test_failed_reply_passes_axe(new_context, down_site):
+    page = new_context(bypass_csp=True).new_page()
+    sign_up(page, down_site, unique("user"))
+    send(page, "Anyone?")
+    finished(last_reply(page), "error")
+    expect(page.locator("#llm-status")).to_be_visible()
+    assert_accessible(page)
+
+
+# ---------------------------------------------------------------- screenshots
+
+SIZES = {
+    "desktop": {"viewport": {"width": 1280, "height": 800}},
+    "phone": {
+        "viewport": {"width": 390, "height": 844},
+        "device_scale_factor": 2,
+        "is_mobile": True,
+        "has_touch": True,
+    },
+}
+
+
+def test_screenshots_light_and_dark_desktop_and_phone(new_context, site):
+    context = new_context(viewport=SIZES["desktop"]["viewport"])
+    page = context.new_page()
+    sign_up(page, site, unique("reader"))
+    choose_model(page, "fake:echo=raw")
+    send(page, MARKDOWN)
+    finished(last_reply(page))
+    # As a user would tidy up: a readable title, and a model from the server's
+    # list for the next reply (the fake's echo model is not listed).
+    item = page.locator("#conversation-list > li").first
+    item.get_by_role("button", name="Rename conversation").click()
+    item.get_by_label("Conversation title").fill("Binary search in Python")
+    item.get_by_label("Conversation title").press("Enter")
+    expect(page.locator("#chat-title")).to_have_text("Binary search in Python")
+    with page.expect_response(lambda response: response.url.endswith("/settings/")) as saved:
+        page.locator("#model").select_option("fake")
+    assert saved.value.ok
+    url = page.url
+    login = context.storage_state()
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    backgrounds = {}
+    for scheme in ("light", "dark"):
+        for size, options in SIZES.items():
+            shot = new_context(storage_state=login, **options).new_page()
+            shot.emulate_media(color_scheme=scheme)
+            shot.goto(url)
+            wait_until_ready(shot)
+            reply = last_reply(shot)
+            finished(reply)
+            expect(reply.locator("pre code.hljs")).to_be_visible()
+            expect(reply.locator("table")).to_be_visible()
+            shot.evaluate("() => document.fonts.ready")
+            path = SCREENSHOTS / f"chat-{scheme}-{size}.png"
+            shot.screenshot(path=str(path), animations="disabled", caret="hide")
+            assert path.stat().st_size > 10_000
+            shutil.copyfile(path, DOCS / f"screenshot-{scheme}-{size}.png")
+            backgrounds[scheme, size] = shot.evaluate(
+                "() => getComputedStyle(document.body).backgroundColor"
+            )
+            if size == "phone" and scheme == "light":
+                # The collapsed sidebar opens over the conversation.
+                shot.locator("#sidebar-toggle").click()
+                expect(shot.locator("#conversation-list > li")).to_be_visible()
+                sidebar = SCREENSHOTS / "chat-light-phone-sidebar.png"
+                shot.screenshot(path=str(sidebar), animations="disabled", caret="hide")
+    # The dark theme follows the system setting.
+    for size in SIZES:
+        assert backgrounds["light", size] != backgrounds["dark", size]
