@@ -5,6 +5,7 @@ Every test signs up a user of its own on a site shared by the module. The
 tests are plain `def` functions: Playwright's sync API cannot run inside the
 event loop pytest-asyncio gives async tests."""
 
+import os
 import re
 import shutil
 import urllib.request
@@ -51,6 +52,7 @@ if not CHROMIUM.exists():
 expect.set_options(timeout=15_000)
 
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
+# UPDATE_SCREENSHOTS=1 copies them over the README's pictures in docs/.
 DOCS = ROOT / "docs"
 REPLY_DONE = 30_000  # ms: the slowest fake reply takes about 6 s
 
@@ -726,7 +728,8 @@ def test_screenshots_light_and_dark_desktop_and_phone(new_context, site):
             path = SCREENSHOTS / f"chat-{scheme}-{size}.png"
             shot.screenshot(path=str(path), animations="disabled", caret="hide")
             assert path.stat().st_size > 10_000
-            shutil.copyfile(path, DOCS / f"screenshot-{scheme}-{size}.png")
+            if os.environ.get("UPDATE_SCREENSHOTS"):
+                shutil.copyfile(path, DOCS / f"screenshot-{scheme}-{size}.png")
             backgrounds[scheme, size] = shot.evaluate(
                 "() => getComputedStyle(document.body).backgroundColor"
             )
