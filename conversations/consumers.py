@@ -12,14 +12,16 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.core.cache import cache
+from django.db import transaction
 
 from . import llm, replies
-from .models import Busy, Conversation, Message, NothingToAnswer
+from .models import ApiToken, Busy, Conversation, Message, NothingToAnswer
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL = 1
 CLOSE_TOKEN_REVOKED = 4001
+RENEW_EVERY = 3600  # seconds
 MAX_FRAME = 256 * 1024
 MAX_ID = 64
 OPTION_RANGES: dict[str, tuple[type, float, float]] = {
@@ -55,8 +57,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # The seq of each live reply that this client holds, so it gets
         # every delta after it once: none missed, none repeated.
         self.held: dict[str, int] = {}
-        # When each held reply was last heard from (a delta or a heartbeat).
+        # When each held reply was last heard from (a delta or a heartbeat),
+        # and which conversation it is in.
         self.heard: dict[str, float] = {}
+        self.held_in: dict[str, str] = {}
         self.token = self.scope.get("api_token")
         if self.token is not None:
             await self.channel_layer.group_add(self.token.group, self.channel_name)
@@ -104,19 +108,32 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def receive_json(self, frame: Any, **kwargs) -> None:
         request_id = frame.get("id") if isinstance(frame, dict) else None
-        if not isinstance(request_id, str) or len(request_id) > MAX_ID:
+        if (
+            not isinstance(request_id, str)
+            or len(request_id) > MAX_ID
+            or not _encodable(request_id)
+        ):
             request_id = None
         try:
             if not isinstance(frame, dict):
                 raise bad_request("A frame must be a JSON object.")
             if "id" in frame and request_id is None:
                 raise bad_request(f"id must be a string of at most {MAX_ID} characters.")
-            handler = self.handlers.get(frame.get("type"))
+            kind = frame.get("type")
+            handler = self.handlers.get(kind) if isinstance(kind, str) else None
             if handler is None:
-                raise bad_request(f"Unknown frame type: {str(frame.get('type'))[:40]!r}.")
+                raise bad_request(f"Unknown frame type: {str(kind)[:40]!r}.")
+            _check_text(frame)
             await handler(self, frame, request_id)
         except FrameError as exc:
             await self.send_error(exc.code, exc.message, request_id)
+        except Exception:
+            # A database or Redis failure must not close the socket and
+            # every subscription on it: say so and stay usable.
+            logger.exception("frame %r failed", frame.get("type"))
+            await self.send_error(
+                "server_error", "Something went wrong on the server; try again.", request_id
+            )
 
     async def send_error(self, code: str, message: str, request_id: str | None = None) -> None:
         frame = {"type": "error", "code": code, "message": message}
@@ -169,12 +186,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         }
         await self.send_frame(message_frame, request_id)
         await self.broadcast(conversation.pk, message_frame, skip_self=True)
-        self.hold(str(reply.pk), 0)
+        self.hold(str(reply.pk), 0, str(conversation.pk))
         replies.start(conversation, reply, self.channel_name, request_id)
 
     async def on_stop(self, frame: dict, request_id: str | None) -> None:
         conversation = await self.own_conversation(frame)
-        await replies.request_stop(conversation.pk)
+        reply = await database_sync_to_async(conversation.reply_in_progress)()
+        if reply is not None:
+            await replies.request_stop(conversation.pk, reply.pk)
 
     async def on_regenerate(self, frame: dict, request_id: str | None) -> None:
         conversation = await self.own_conversation(frame)
@@ -198,7 +217,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     "message": superseded.as_frame(),
                 },
             )
-        self.hold(str(reply.pk), 0)
+        self.hold(str(reply.pk), 0, str(conversation.pk))
         replies.start(conversation, reply, self.channel_name, request_id)
 
     async def on_subscribe(self, frame: dict, request_id: str | None) -> None:
@@ -209,18 +228,22 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send_frame(conversation_frame(conversation), request_id)
         messages = await database_sync_to_async(list)(conversation.visible_messages())
         for message in messages:
-            await self.send_json(
+            await self.send_frame(
                 {
                     "type": "message",
                     "conversation": str(conversation.pk),
                     "message": await self.current_frame(message),
-                }
+                },
+                request_id,
             )
 
     async def on_unsubscribe(self, frame: dict, request_id: str | None) -> None:
         conversation_id = _conversation_id(frame)
         if conversation_id in self.subscriptions:
             self.subscriptions.discard(conversation_id)
+            for message_id, held_in in list(self.held_in.items()):
+                if held_in == conversation_id:
+                    self.release(message_id)
             await self.channel_layer.group_discard(
                 replies.conversation_group(conversation_id), self.channel_name
             )
@@ -250,22 +273,28 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if not await _allow_send(self.user.pk):
             raise FrameError("rate_limited", "Too many messages; wait a minute and try again.")
 
-    def hold(self, message_id: str, seq: int) -> None:
+    def hold(self, message_id: str, seq: int, conversation_id: str) -> None:
         self.held[message_id] = seq
         self.heard[message_id] = time.monotonic()
+        self.held_in[message_id] = conversation_id
 
     def release(self, message_id: str) -> None:
         self.held.pop(message_id, None)
         self.heard.pop(message_id, None)
+        self.held_in.pop(message_id, None)
 
     async def watch_replies(self) -> None:
         """A reply whose process died never sends its end. After three
         heartbeats of silence, look it up: current_frame() ends it for every
         tab if its writer is gone, and resends it if we only missed events."""
         beat = Message.HEARTBEAT.total_seconds()
+        renewed = time.monotonic()
         while True:
             await asyncio.sleep(beat)
             now = time.monotonic()
+            if now - renewed > RENEW_EVERY:
+                renewed = now
+                await self.renew()
             for message_id in [m for m, t in self.heard.items() if now - t > 3 * beat]:
                 self.heard[message_id] = now
                 message = await Message.objects.filter(pk=message_id).afirst()
@@ -281,13 +310,31 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     }
                 )
 
+    async def renew(self) -> None:
+        """Group memberships expire after a day in the channel layer, and a
+        token may have been deleted or its user deactivated without a word
+        to this socket: renew the one, re-check the other."""
+        groups = [replies.conversation_group(c) for c in self.subscriptions]
+        if self.token is not None:
+            if (
+                not await ApiToken.objects.active()
+                .filter(pk=self.token.pk, user__is_active=True)
+                .aexists()
+            ):
+                await self.close(code=CLOSE_TOKEN_REVOKED)
+                return
+            groups.append(self.token.group)
+        for group in groups:
+            await self.channel_layer.group_add(group, self.channel_name)
+
     async def subscribe(self, conversation: Conversation) -> None:
+        # Always group_add: it also renews a membership the layer would
+        # otherwise expire after a day.
         conversation_id = str(conversation.pk)
-        if conversation_id not in self.subscriptions:
-            self.subscriptions.add(conversation_id)
-            await self.channel_layer.group_add(
-                replies.conversation_group(conversation_id), self.channel_name
-            )
+        self.subscriptions.add(conversation_id)
+        await self.channel_layer.group_add(
+            replies.conversation_group(conversation_id), self.channel_name
+        )
 
     async def broadcast(self, conversation_id: Any, frame: dict, skip_self: bool = False) -> None:
         event = {"type": "chat.event", "conversation": str(conversation_id), "frame": frame}
@@ -310,7 +357,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if frame is None:
             frame = message.as_frame()
         if frame["status"] in Message.LIVE_STATUSES:
-            self.hold(str(message.pk), frame["seq"])
+            self.hold(str(message.pk), frame["seq"], str(message.conversation_id))
         else:
             self.release(str(message.pk))
         return frame
@@ -329,7 +376,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if conversation_id is not None and conversation_id not in self.subscriptions:
             return  # arrived after an unsubscribe
         if frame["type"] == "start":
-            self.hold(frame["message"], 0)
+            # A snapshot taken after the start may already hold a later seq.
+            self.hold(frame["message"], self.held.get(frame["message"], 0), conversation_id)
         elif frame["type"] == "delta":
             message_id, seq = frame["message"], frame["seq"]
             held = self.held.get(message_id, seq - 1)
@@ -345,7 +393,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     {"type": "message", "conversation": conversation_id, "message": snapshot}
                 )
                 return
-            self.hold(message_id, seq)
+            self.hold(message_id, seq, conversation_id)
         elif frame["type"] == "end":
             self.release(frame["message"])
         await self.send_json(frame)
@@ -386,6 +434,21 @@ def _conversation_id(frame: dict) -> str:
         raise FrameError("not_found", NOT_FOUND) from None
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no database can store it
+        return False
+    return True
+
+
+def _check_text(frame: dict) -> None:
+    for name in ("content", "system", "model"):
+        value = frame.get(name)
+        if isinstance(value, str) and not _encodable(value):
+            raise bad_request(f"{name} is not valid Unicode text.")
+
+
 def _optional_str(frame: dict, name: str, limit: int) -> str | None:
     value = frame.get(name)
     if value is None:
@@ -409,10 +472,10 @@ def _options(value: Any) -> dict[str, Any] | None:
             continue
         if isinstance(option, bool) or not isinstance(option, (int, float)):
             raise bad_request(f"options.{name} must be a number.")
-        if kind is int and not float(option).is_integer():
-            raise bad_request(f"options.{name} must be a whole number.")
         if not low <= option <= high:
             raise bad_request(f"options.{name} must be between {low} and {high}.")
+        if kind is int and not float(option).is_integer():
+            raise bad_request(f"options.{name} must be a whole number.")
         options[name] = kind(option)
     return options
 
@@ -431,6 +494,7 @@ async def _allow_send(user_id: int) -> bool:
 
 
 @database_sync_to_async
+@transaction.atomic
 def _begin_send(user, conversation_id, content, model, system, options, default_model):
     """The conversation, whether it is new or its settings changed, the
     saved user message and the reply row, in one trip to the database."""

@@ -45,9 +45,12 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, opena
 _clients = weakref.WeakKeyDictionary()
 
 
-def _client(read_timeout: float | None = None) -> openai.AsyncOpenAI:
+def _client(
+    read_timeout: float | None = None, connect_timeout: float | None = None
+) -> openai.AsyncOpenAI:
     read = read_timeout or settings.LLM_READ_TIMEOUT
-    config = (settings.LLM_BASE_URL, settings.LLM_API_KEY, settings.LLM_CONNECT_TIMEOUT, read)
+    connect = connect_timeout or settings.LLM_CONNECT_TIMEOUT
+    config = (settings.LLM_BASE_URL, settings.LLM_API_KEY, connect, read)
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
     client = per_loop.get(config)
     if client is None:
@@ -94,28 +97,36 @@ def _status_message(exc: openai.APIStatusError, fallback: str) -> str:
     return fallback
 
 
-_models_cache: tuple[float, list[str]] | None = None
+# Per server: when it was asked, and its answer (the models, or the error).
+_models_cache: dict[str, tuple[float, list[str] | LLMError]] = {}
 
 
 async def list_models() -> list[str]:
     """Model ids the server offers, cached for a few seconds so that every
-    new socket does not cost a round trip."""
-    global _models_cache
+    new socket does not cost a round trip. Failures are cached too: a
+    server that is switched off must not hold up every page load for the
+    length of a connect timeout."""
+    url = settings.LLM_BASE_URL
     now = time.monotonic()
-    if _models_cache and now - _models_cache[0] < settings.LLM_MODELS_CACHE_SECONDS:
-        return _models_cache[1]
+    cached = _models_cache.get(url)
+    if cached and now - cached[0] < settings.LLM_MODELS_CACHE_SECONDS:
+        if isinstance(cached[1], LLMError):
+            raise cached[1]
+        return cached[1]
     try:
-        page = await _client(read_timeout=5.0).models.list()
+        client = _client(read_timeout=5.0, connect_timeout=min(2.0, settings.LLM_CONNECT_TIMEOUT))
+        page = await client.models.list()
         models = sorted(m.id for m in page.data)
     except Exception as exc:
-        raise _as_llm_error(exc) from exc
-    _models_cache = (now, models)
+        error = _as_llm_error(exc)
+        _models_cache[url] = (now, error)
+        raise error from exc
+    _models_cache[url] = (now, models)
     return models
 
 
 def forget_models() -> None:
-    global _models_cache
-    _models_cache = None
+    _models_cache.clear()
 
 
 async def default_model() -> str:

@@ -7,6 +7,7 @@ running reply listens on a control group of its conversation, where any
 process can ask it to stop or for a snapshot of what it has sent so far."""
 
 import asyncio
+import copy
 import logging
 import time
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.core.cache import cache
 from django.utils import timezone
 
 from . import llm
@@ -43,7 +45,14 @@ def start(conversation: Conversation, reply: Message, origin: str = "", request_
     return task
 
 
-async def request_stop(conversation_id: Any) -> None:
+def _stop_key(message_id: Any) -> str:
+    return f"chat-stop:{message_id}"
+
+
+async def request_stop(conversation_id: Any, message_id: Any) -> None:
+    """Stop a reply wherever it runs. The note in the cache covers a reply
+    that has not started listening yet (its process may be another)."""
+    await cache.aset(_stop_key(message_id), True, timeout=300)
     await get_channel_layer().group_send(control_group(conversation_id), {"type": "reply.stop"})
 
 
@@ -91,6 +100,8 @@ class Reply:
         control = await self.layer.new_channel()
         await self.layer.group_add(control_group(self.conversation_id), control)
         listener = asyncio.create_task(self._listen(control))
+        if await cache.aget(_stop_key(self.message_id)):
+            self.stopping = True
         pump: asyncio.Task | None = None
         status, error = Message.Status.COMPLETE, None
         try:
@@ -129,6 +140,10 @@ class Reply:
             logger.exception("reply %s failed", self.message_id)
             error = error or llm.LLMError("upstream_error", f"Internal error: {exc}")
             status = Message.Status.ERROR
+            # Keep every word that arrived, sent to the sockets or not.
+            self.content += self.pending_content
+            self.reasoning += self.pending_reasoning
+            self.pending_content = self.pending_reasoning = ""
         finally:
             for task in (listener, pump, self.stream):
                 if task is not None and not task.done():
@@ -158,7 +173,9 @@ class Reply:
 
     async def _pump(self) -> None:
         """Sends what has arrived as one delta, then waits out the coalescing
-        window: the first token goes at once, later ones in batches."""
+        window: the first token goes at once, later ones in batches. A failed
+        save or send is logged and tried again at the next turn: the text
+        stays in memory, and the stream goes on."""
         window = settings.CHAT_COALESCE_MS / 1000
         heartbeat = Message.HEARTBEAT.total_seconds()
         while True:
@@ -167,23 +184,32 @@ class Reply:
             except TimeoutError:
                 # Still alive, though quiet: say so to the database and to the
                 # sockets, which otherwise take a long silence for a death.
-                await self._save()
-                await self.layer.group_send(
-                    self.group,
-                    {
-                        "type": "chat.alive",
-                        "conversation": self.conversation_id,
-                        "message": self.message_id,
-                    },
+                await self._guarded(self._save())
+                await self._guarded(
+                    self.layer.group_send(
+                        self.group,
+                        {
+                            "type": "chat.alive",
+                            "conversation": self.conversation_id,
+                            "message": self.message_id,
+                        },
+                    )
                 )
                 continue
             self.wake.clear()
-            await self._flush()
+            await self._guarded(self._flush())
             if self.finishing:
                 return
             if time.monotonic() - self.last_save >= settings.CHAT_SAVE_INTERVAL:
-                await self._save()
+                await self._guarded(self._save())
             await asyncio.sleep(window)
+
+    async def _guarded(self, work) -> None:
+        try:
+            await work
+        except Exception:
+            logger.exception("reply %s: save or send failed; trying again", self.message_id)
+            self.last_save = time.monotonic()  # no retry storm
 
     async def _flush(self) -> None:
         if not (self.pending_content or self.pending_reasoning):
@@ -219,21 +245,27 @@ class Reply:
                 )
 
     def frame(self) -> dict[str, Any]:
-        message = self.message
+        # A copy: a save of self.message may be running in a worker thread.
+        message = copy.copy(self.message)
         message.content, message.reasoning, message.seq = self.content, self.reasoning, self.seq
         return message.as_frame()
 
-    async def _save(self, *extra_fields: str) -> None:
-        message = self.message
-        message.content, message.reasoning, message.seq = self.content, self.reasoning, self.seq
-        message.updated = timezone.now()
-        fields = ["content", "reasoning", "seq", "updated", *extra_fields]
-        await message.asave(update_fields=fields)
+    async def _save(self, **extra: Any) -> None:
+        values = {"content": self.content, "reasoning": self.reasoning, "seq": self.seq}
+        values.update(extra, updated=timezone.now())
+        saved = await Message.objects.filter(pk=self.message_id).aupdate(**values)
         self.last_save = time.monotonic()
+        if not saved and not self.stopping:
+            # The conversation was deleted: nobody is left to read the reply.
+            logger.info("reply %s: its row is gone; stopping", self.message_id)
+            self.stopping = True
+            if self.stream is not None:
+                self.stream.cancel()
 
     async def _finish(self, status: str, error: llm.LLMError | None) -> None:
         now = time.monotonic()
-        message = self.message
+        message = copy.copy(self.message)
+        message.content, message.reasoning, message.seq = self.content, self.reasoning, self.seq
         message.status = status
         if error is not None:
             message.error_code, message.error = error.code, error.message
@@ -246,7 +278,7 @@ class Reply:
         fields += ["prompt_tokens", "completion_tokens"]
         for attempt in range(3):
             try:
-                await self._save(*fields)
+                await self._save(**{field: getattr(message, field) for field in fields})
                 break
             except Exception:
                 logger.exception("saving reply %s failed (attempt %d)", self.message_id, attempt)

@@ -1,3 +1,4 @@
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
@@ -6,6 +7,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from . import replies
 from .models import TITLE_LENGTH, ApiToken, Conversation
 
 
@@ -62,6 +64,10 @@ def rename(request: HttpRequest, pk) -> HttpResponse:
 def delete(request: HttpRequest, pk) -> HttpResponse:
     conversation = _own(request, pk)
     deleted = str(conversation.pk)
+    reply = conversation.reply_in_progress()
+    if reply is not None:
+        # Stop it now rather than when it next fails to save.
+        async_to_sync(replies.request_stop)(conversation.pk, reply.pk)
     conversation.delete()
     if _wants_json(request):
         return JsonResponse({"deleted": deleted})

@@ -5,15 +5,25 @@ import asyncio
 import json
 
 import pytest
+from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.test import Client
+from django.urls import reverse
 from django.utils import timezone
 
 from chatsite.asgi import application
+from conversations import replies
 from conversations.models import Conversation, Message
 from tests.conftest import chat_socket, finish_replies, receive_until, streamed_text
 from tests.fake_llm import expected_text, reasoning_for, tokens_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def logged_in(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
 
 
 async def send(communicator, content="Hello there", conversation=None, **fields) -> dict:
@@ -180,6 +190,19 @@ async def test_options_are_saved_and_sent_to_the_model(alice, fake_llm):
         ('{"type": "stop", "conversation": ["x"]}', "bad_request"),
         ('{"type": "ping", "id": 12}', "bad_request"),
         ('{"type": "ping", "id": "' + "x" * 65 + '"}', "bad_request"),
+        ('{"type": []}', "bad_request"),
+        ('{"type": {"a": 1}}', "bad_request"),
+        ('{"type": "send", "conversation": null, "content": "\\ud800 hi"}', "bad_request"),
+        (
+            '{"type": "send", "conversation": null, "content": "hi", "model": "\\udfff"}',
+            "bad_request",
+        ),
+        (
+            '{"type": "send", "conversation": null, "content": "hi", "options": {"seed": 1'
+            + "0" * 400
+            + "}}",
+            "bad_request",
+        ),
     ],
 )
 async def test_bad_frames_get_an_error_and_the_socket_stays_usable(alice, fake_llm, frame, code):
@@ -347,6 +370,8 @@ async def test_subscribe_replays_messages_oldest_first(alice, fake_llm):
         assert conversation["conversation"]["id"] == conversation_id
         messages = [await ws.receive_json_from() for _ in range(4)]
         assert await ws.receive_nothing()
+    # Every frame answering the subscribe carries its id.
+    assert {m["id"] for m in messages} == {"s"}
     assert [m["message"]["role"] for m in messages] == ["user", "assistant"] * 2
     assert [m["message"]["content"] for m in messages[::2]] == ["first", "second"]
     reply = messages[1]["message"]
@@ -573,3 +598,46 @@ async def test_a_quiet_reply_that_is_still_alive_is_not_ended(alice, fake_llm, m
         frames = await receive_until(ws, "end", timeout=15)
     assert frames[-1]["status"] == "complete"
     assert streamed_text(frames) == expected_text("fake:n=3")
+
+
+async def test_deleting_a_conversation_mid_reply_stops_the_model(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        first = await send(ws, "hi", model="fake-slow")
+        conversation_id = first["conversation"]["id"]
+        await receive_until(ws, "delta")
+        client = await sync_to_async(logged_in)(alice)
+        url = reverse("conversation-delete", args=[conversation_id])
+        response = await sync_to_async(client.post)(url, HTTP_ACCEPT="application/json")
+        assert response.status_code == 200
+        await receive_until(ws, "end")
+    assert await asyncio.to_thread(fake_llm.wait_cancelled)
+    assert not await Message.objects.filter(conversation_id=conversation_id).aexists()
+
+
+async def test_a_busy_send_changes_nothing(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        first = await send(ws, "hi", model="fake-slow", system="Be brief.")
+        conversation_id = first["conversation"]["id"]
+        await receive_until(ws, "delta")
+        error = await send(
+            ws, "more", conversation=conversation_id, model="fake-think", system="Be long."
+        )
+        while error["type"] != "error":
+            error = await ws.receive_json_from()
+        assert error["code"] == "busy"
+        await ws.send_json_to({"type": "stop", "conversation": conversation_id})
+        await receive_until(ws, "end")
+    conversation = await Conversation.objects.aget(pk=conversation_id)
+    assert (conversation.model, conversation.system_prompt) == ("fake-slow", "Be brief.")
+
+
+async def test_a_stop_that_comes_before_the_reply_starts_listening_still_stops_it(alice, fake_llm):
+    conversation = await Conversation.objects.acreate(owner=alice, model="fake-slow")
+    _, reply, _ = await sync_to_async(conversation.start_turn)("hi", "fake-slow", {})
+    # As when the stop goes through another process before this one has
+    # even started the reply.
+    await replies.request_stop(conversation.pk, reply.pk)
+    await replies.start(conversation, reply)
+    await reply.arefresh_from_db()
+    assert reply.status == "stopped"
+    assert len(reply.content) < len(expected_text("fake-slow"))

@@ -9,7 +9,7 @@ import pytest
 from conversations import llm
 from conversations.llm import Delta, LLMError, ThinkSplitter, Usage
 from tests.conftest import free_port
-from tests.fake_llm import MODELS, expected_text, reasoning_for, tokens_for
+from tests.fake_llm import MODELS, FakeLLM, expected_text, reasoning_for, tokens_for
 
 MESSAGES = [{"role": "user", "content": "say something nice"}]  # 3 prompt tokens
 
@@ -38,16 +38,27 @@ async def test_list_models_returns_the_servers_models(fake_llm):
     assert await llm.list_models() == sorted(MODELS)
 
 
-async def test_list_models_is_cached(fake_llm, settings):
+async def test_list_models_is_cached(settings):
+    server = FakeLLM().start()
+    settings.LLM_BASE_URL = server.base_url
     first = await llm.list_models()
-    settings.LLM_BASE_URL = f"http://127.0.0.1:{free_port()}/v1"
+    server.stop()
 
+    # The server is gone, but the list from a moment ago still answers.
     assert await llm.list_models() == first
 
     llm.forget_models()
     with pytest.raises(LLMError) as caught:
         await llm.list_models()
     assert caught.value.code == "upstream_unavailable"
+
+
+async def test_a_failure_to_list_models_is_cached_per_server(fake_llm, settings):
+    settings.LLM_BASE_URL = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(LLMError):
+        await llm.list_models()
+    settings.LLM_BASE_URL = fake_llm.base_url
+    assert "fake" in await llm.list_models()
 
 
 async def test_list_models_cache_expires(fake_llm, settings):
