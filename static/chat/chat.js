@@ -66,6 +66,7 @@ const FRIENDLY = {
   too_large: `That message is too long (the limit is ${MAX_CONTENT.toLocaleString("en")} characters).`,
   bad_request: "The server did not understand that request.",
   not_found: "This conversation does not exist or was deleted.",
+  server_error: "Something went wrong on the server. Try again.",
   interrupted: "The reply was cut off before it finished (the server restarted or lost the model server).",
 };
 
