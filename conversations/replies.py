@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 # Strong references: the event loop keeps only weak ones to tasks.
 _running: set[asyncio.Task] = set()
+_replies: set["Reply"] = set()
+_shutdown_hooked = False
 
 
 def conversation_group(conversation_id: Any) -> str:
@@ -37,12 +39,41 @@ def control_group(conversation_id: Any) -> str:
 
 def start(conversation: Conversation, reply: Message, origin: str = "", request_id: Any = None):
     """Run the reply in the background and return its task."""
-    task = asyncio.get_running_loop().create_task(
-        Reply(conversation, reply, origin, request_id).run(), name=f"reply-{reply.pk}"
-    )
+    _hook_shutdown()
+    writer = Reply(conversation, reply, origin, request_id)
+    task = asyncio.get_running_loop().create_task(writer.run(), name=f"reply-{reply.pk}")
     _running.add(task)
-    task.add_done_callback(_running.discard)
+    _replies.add(writer)
+    task.add_done_callback(lambda done: (_running.discard(done), _replies.discard(writer)))
     return task
+
+
+def _hook_shutdown() -> None:
+    """Under daphne, a shutdown (a deploy, Ctrl-C) would drop the running
+    replies mid-sentence: have the reactor wait while each one saves its
+    text as interrupted and tells its tabs, as daphne does for sockets."""
+    global _shutdown_hooked
+    if _shutdown_hooked:
+        return
+    _shutdown_hooked = True
+    try:
+        from twisted.internet import defer, reactor
+    except ImportError:
+        return
+    if not reactor.running:  # not under daphne (tests, scripts)
+        return
+
+    async def interrupt_all() -> None:
+        for writer in list(_replies):
+            writer.interrupt()
+        if _running:
+            await asyncio.wait(list(_running), timeout=5)
+
+    reactor.addSystemEventTrigger(
+        "before",
+        "shutdown",
+        lambda: defer.Deferred.fromFuture(asyncio.ensure_future(interrupt_all())),
+    )
 
 
 def _stop_key(message_id: Any) -> str:
@@ -92,6 +123,7 @@ class Reply:
         self.first_token: float | None = None
         self.last_save = self.started
         self.stopping = False
+        self.shutting_down = False
         self.finishing = False
         self.wake = asyncio.Event()
         self.stream: asyncio.Task | None = None
@@ -126,7 +158,10 @@ class Reply:
                     raise
             except llm.LLMError as exc:
                 error = exc
-            if self.stream.cancelled():
+            if self.stream.cancelled() and self.shutting_down:
+                status = Message.Status.INTERRUPTED
+                error = llm.LLMError("interrupted", "The server was restarted during this reply.")
+            elif self.stream.cancelled():
                 status = Message.Status.STOPPED
             elif error is not None:
                 started_answer = bool(self.content or self.pending_content)
@@ -232,6 +267,11 @@ class Reply:
         self.pending_content = self.pending_reasoning = ""
         await self._broadcast(frame)
 
+    def interrupt(self) -> None:
+        self.shutting_down = self.stopping = True
+        if self.stream is not None:
+            self.stream.cancel()
+
     async def _listen(self, control: str) -> None:
         while True:
             event = await self.layer.receive(control)
@@ -295,7 +335,7 @@ class Reply:
         if error is not None:
             frame["error"] = {"code": error.code, "message": error.message}
         await self._broadcast(frame)
-        if error is not None and self.origin:
+        if error is not None and self.origin and not self.shutting_down:
             answer = {
                 "type": "error",
                 "code": error.code,

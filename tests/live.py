@@ -41,7 +41,11 @@ class Site:
     """One or more daphne processes sharing a database and channel layer."""
 
     def __init__(self, env: dict[str, str], processes: int = 1):
-        self.env = {**os.environ, "DJANGO_SETTINGS_MODULE": "chatsite.settings"}
+        self.env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "chatsite.settings",
+            "PYTHONFAULTHANDLER": "1",  # a crash leaves its stack in the log
+        }
         self.env.pop("DATABASE_URL", None)
         self.env["REDIS_PREFIX"] = f"test-{uuid.uuid4().hex[:12]}"
         self.env.update(env)

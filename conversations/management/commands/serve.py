@@ -115,11 +115,12 @@ class Command(BaseCommand):
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, stop)
+        asked_to_stop = False
         try:
             while all(child.poll() is None for child in children):
                 time.sleep(0.5)
         except KeyboardInterrupt:
-            pass
+            asked_to_stop = True
         finally:
             for child in reversed(children):
                 if child.poll() is None:
@@ -129,6 +130,8 @@ class Command(BaseCommand):
                     child.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     child.kill()
+        # Exit codes after we asked the servers to stop say nothing useful
+        # (CPython 3.11 can crash collecting daphne's loop: cpython#113566).
         failed = [c.returncode for c in children if c.returncode not in (0, -signal.SIGTERM)]
-        if failed:
+        if failed and not asked_to_stop:
             raise CommandError(f"A server exited with code {failed[0]}.")
