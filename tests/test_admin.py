@@ -1,0 +1,53 @@
+"""Admins and reviewers read users' conversations in the Django admin."""
+
+import pytest
+from django.urls import reverse
+
+from conversations.models import ApiToken, Conversation
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def chat(alice):
+    conversation = Conversation.objects.create(owner=alice, model="fake", title="<b>Hi</b>")
+    conversation.start_turn("What is <script>up</script>?", "fake", {})
+    return conversation
+
+
+def test_reviewers_see_conversations_with_their_owner_and_messages(admin_client, chat):
+    listing = admin_client.get(reverse("admin:conversations_conversation_changelist"))
+    assert listing.status_code == 200
+    page = listing.content.decode()
+    owner = reverse("admin:auth_user_change", args=[chat.owner_id])
+    assert f'<a href="{owner}">alice</a>' in page
+    assert "&lt;b&gt;Hi&lt;/b&gt;" in page and "<b>Hi</b>" not in page
+    detail = admin_client.get(reverse("admin:conversations_conversation_change", args=[chat.pk]))
+    assert detail.status_code == 200
+    assert "What is &lt;script&gt;up&lt;/script&gt;?" in detail.content.decode()
+
+
+def test_reviewers_can_search_messages_and_open_one(admin_client, chat):
+    url = reverse("admin:conversations_message_changelist")
+    found = admin_client.get(url, {"q": "script"})
+    assert found.status_code == 200 and "What is" in found.content.decode()
+    message = chat.messages.get(role="user")
+    page = admin_client.get(reverse("admin:conversations_message_change", args=[message.pk]))
+    assert page.status_code == 200
+
+
+def test_admins_revoke_tokens_with_an_action(admin_client, alice):
+    token, _ = ApiToken.issue(alice, "laptop")
+    response = admin_client.post(
+        reverse("admin:conversations_apitoken_changelist"),
+        {"action": "revoke", "_selected_action": [token.pk]},
+    )
+    assert response.status_code == 302
+    token.refresh_from_db()
+    assert token.revoked is not None
+
+
+def test_users_who_are_not_staff_cannot_open_the_admin(client, alice):
+    client.force_login(alice)
+    response = client.get(reverse("admin:conversations_conversation_changelist"))
+    assert response.status_code == 302
