@@ -1,7 +1,9 @@
 """Real servers for end-to-end tests: daphne processes serving the site, and
 an HTTP client that signs up like a browser does. Loopback only."""
 
+import asyncio
 import http.cookiejar
+import json
 import os
 import re
 import signal
@@ -156,3 +158,20 @@ class Browser:
 
     def ws_headers(self) -> dict[str, str]:
         return {"Cookie": self.cookie_header(), "Origin": self.base_url}
+
+
+async def receive(ws, frame_type: str, timeout: float = 20.0, pause: float = 0) -> list[dict]:
+    """Frames from a real socket up to and including the first of
+    frame_type; pause between frames to play a slow reader."""
+    frames = []
+    async with asyncio.timeout(timeout):
+        while True:
+            frames.append(json.loads(await ws.recv()))
+            if frames[-1]["type"] == frame_type:
+                return frames
+            if pause:
+                await asyncio.sleep(pause)
+
+
+def text_of(frames: list[dict]) -> str:
+    return "".join(f.get("content", "") for f in frames if f["type"] == "delta")

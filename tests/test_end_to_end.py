@@ -10,7 +10,7 @@ import pytest
 import websockets
 
 from tests.fake_llm import expected_text
-from tests.live import Browser, Site, site_database
+from tests.live import Browser, Site, receive, site_database, text_of
 
 pytestmark = pytest.mark.slow
 
@@ -28,19 +28,6 @@ def site(tmp_path, fake_llm_server):
             yield site
         finally:
             site.stop()
-
-
-async def receive(ws, frame_type: str, timeout: float = 10.0) -> list[dict]:
-    frames = []
-    async with asyncio.timeout(timeout):
-        while True:
-            frames.append(json.loads(await ws.recv()))
-            if frames[-1]["type"] == frame_type:
-                return frames
-
-
-def text_of(frames: list[dict]) -> str:
-    return "".join(f.get("content", "") for f in frames if f["type"] == "delta")
 
 
 async def test_sign_up_chat_leave_mid_answer_and_come_back(site):

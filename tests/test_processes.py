@@ -9,7 +9,7 @@ import pytest
 import websockets
 
 from tests.fake_llm import expected_text
-from tests.live import Browser, Site, site_database
+from tests.live import Browser, Site, receive, site_database
 
 pytestmark = [
     pytest.mark.slow,
@@ -48,21 +48,6 @@ async def connect(site: Site, index: int, browser: Browser):
     ready = json.loads(await ws.recv())
     assert ready["type"] == "ready"
     return ws
-
-
-async def receive(ws, frame_type: str, timeout: float = 20.0, pause: float = 0) -> list[dict]:
-    frames = []
-    async with asyncio.timeout(timeout):
-        while True:
-            frames.append(json.loads(await ws.recv()))
-            if frames[-1]["type"] == frame_type:
-                return frames
-            if pause:
-                await asyncio.sleep(pause)
-
-
-def text_of(frames: list[dict]) -> str:
-    return "".join(f.get("content", "") for f in frames if f["type"] == "delta")
 
 
 def joined_text(frames: list[dict]) -> str:
