@@ -3,12 +3,15 @@ import re
 import secrets
 import uuid
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import models, transaction
+from django.db.models.signals import post_delete
+from django.dispatch import receiver
 from django.urls import reverse
 from django.utils import timezone
 
@@ -376,5 +379,19 @@ class ApiToken(models.Model):
     def revoke(self) -> None:
         self.revoked = timezone.now()
         self.save(update_fields=["revoked"])
-        # Sockets opened with the token close now, in whichever process.
-        async_to_sync(get_channel_layer().group_send)(self.group, {"type": "token.revoked"})
+        self.close_sockets()
+
+    def close_sockets(self) -> None:
+        close_token_sockets(self.group)
+
+
+def close_token_sockets(group: str) -> None:
+    """Sockets opened with a token close now, in whichever process."""
+    async_to_sync(get_channel_layer().group_send)(group, {"type": "token.revoked"})
+
+
+@receiver(post_delete, sender=ApiToken)
+def close_deleted_token_sockets(sender, instance: ApiToken, **kwargs) -> None:
+    # Deleting a token (the admin's delete, a user's deletion) revokes it
+    # too. The group is named now: the instance loses its pk after this.
+    transaction.on_commit(partial(close_token_sockets, instance.group))

@@ -141,3 +141,14 @@ async def test_revoking_a_token_anywhere_closes_its_sockets(alice):
     await sync_to_async(token.revoke)()
     assert await ws.receive_output(timeout=5) == {"type": "websocket.close", "code": 4001}
     await ws.disconnect()
+
+
+async def test_deleting_a_token_closes_its_sockets(alice):
+    token, plain = await sync_to_async(ApiToken.issue)(alice, "script")
+    ws = socket({"Authorization": f"Bearer {plain}"})
+    connected, _ = await ws.connect()
+    assert connected
+    await ws.receive_json_from(timeout=10)
+    await sync_to_async(ApiToken.objects.filter(pk=token.pk).delete)()
+    assert await ws.receive_output(timeout=5) == {"type": "websocket.close", "code": 4001}
+    await ws.disconnect()
