@@ -101,7 +101,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         try:
             frame = json.loads(text_data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             await self.send_error("bad_request", "That frame is not valid JSON.")
             return
         await self.receive_json(frame)

@@ -191,6 +191,7 @@ async def test_options_are_saved_and_sent_to_the_model(alice, fake_llm):
         ('{"type": "ping", "id": 12}', "bad_request"),
         ('{"type": "ping", "id": "' + "x" * 65 + '"}', "bad_request"),
         ('{"type": []}', "bad_request"),
+        pytest.param("[" * 100_000 + "]" * 100_000, "bad_request", id="deeply-nested"),
         ('{"type": {"a": 1}}', "bad_request"),
         ('{"type": "send", "conversation": null, "content": "\\ud800 hi"}', "bad_request"),
         (
