@@ -17,7 +17,7 @@ from playwright.sync_api import sync_playwright
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.fake_llm import FakeLLM
-from tests.live import Site, site_database
+from tests.live import running_site
 
 SECTION = """## Section {i}
 
@@ -58,10 +58,10 @@ def main() -> None:
     chunks = -(-len(prompt) // 5)
 
     fake = FakeLLM().start()
-    with tempfile.TemporaryDirectory() as tmp, site_database(Path(tmp)) as database_url:
-        env = {"DATABASE_URL": database_url, "LLM_BASE_URL": fake.base_url, "LOG_LEVEL": "WARNING"}
-        env["DEFAULT_MODEL"] = "fake"
-        site = Site(env).start(Path(tmp))
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_site(Path(tmp), fake.base_url, LOG_LEVEL="WARNING") as site,
+    ):
         try:
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(
@@ -102,7 +102,6 @@ def main() -> None:
                 footer = page.locator("article.message.assistant footer").inner_text()
                 browser.close()
         finally:
-            site.stop()
             fake.stop()
     seconds = ended - started
     long = bench["long"]

@@ -23,7 +23,7 @@ import websockets
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.fake_llm import FakeLLM, expected_text
-from tests.live import Browser, Site, site_database
+from tests.live import Browser, Site, running_site
 
 
 def rss_mb(pid: int) -> float:
@@ -114,21 +114,23 @@ async def main() -> None:
     model = f"fake:n={args.tokens},delay={1 / args.rate:.5f}"
 
     fake = FakeLLM().start()
-    with tempfile.TemporaryDirectory() as tmp, site_database(Path(tmp)) as database_url:
-        env = {
-            "DATABASE_URL": database_url,
-            "LLM_BASE_URL": fake.base_url,
-            "DEFAULT_MODEL": "fake",
-            "CHAT_RATE_LIMIT": "100000",
-            "LOG_LEVEL": "WARNING",
-        }
-        site = Site(env, processes=args.processes).start(Path(tmp))
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_site(
+            Path(tmp),
+            fake.base_url,
+            processes=args.processes,
+            CHAT_RATE_LIMIT="100000",
+            LOG_LEVEL="WARNING",
+        ) as site,
+    ):
         try:
             browser = Browser(site.url(0))
             await asyncio.to_thread(browser.sign_up, "bench")
             headers = browser.ws_headers()
             print(f"{args.chats} concurrent chats, {args.tokens} tokens each at {args.rate:.0f}/s,")
-            print(f"{args.processes} daphne process(es), database {database_url.split(':')[0]}")
+            database = site.env["DATABASE_URL"].split(":")[0]
+            print(f"{args.processes} daphne process(es), database {database}")
             began = time.perf_counter()
             results = await asyncio.gather(
                 *(one_chat(site, i, headers, model) for i in range(args.chats))
@@ -145,7 +147,6 @@ async def main() -> None:
             for pid in (p.pid for p in site.processes):
                 print(f"  daphne pid {pid} RSS {rss_mb(pid):.0f} MB")
         finally:
-            site.stop()
             fake.stop()
 
 

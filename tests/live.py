@@ -127,6 +127,21 @@ def site_database(tmp_path: Path) -> Iterator[str]:
         admin.close()
 
 
+@contextmanager
+def running_site(
+    tmp_path: Path, llm_base_url: str, processes: int = 1, **env: str
+) -> Iterator[Site]:
+    """Daphne process(es) on a database of their own, talking to the model
+    server at llm_base_url with `fake` as the default model."""
+    with site_database(tmp_path) as database_url:
+        settings = {"DATABASE_URL": database_url, "LLM_BASE_URL": llm_base_url}
+        site = Site({"DEFAULT_MODEL": "fake", **settings, **env}, processes).start(tmp_path)
+        try:
+            yield site
+        finally:
+            site.stop()
+
+
 class Browser:
     """Just enough of a browser to sign up and carry the session cookie."""
 

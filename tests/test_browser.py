@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import urllib.request
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -38,7 +37,7 @@ from tests.browser_support import (
     wait_until_ready,
 )
 from tests.fake_llm import expected_text
-from tests.live import ROOT, Site, free_port, site_database
+from tests.live import ROOT, free_port, running_site
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -112,30 +111,18 @@ Inline: <img src=x onerror="window.__pwned=5"> and <a href="javascript:window.__
 # ---------------------------------------------------------------- fixtures
 
 
-def live_site(tmp_path: Path, llm_base_url: str):
-    with site_database(tmp_path) as database_url:
-        env = {
-            "DATABASE_URL": database_url,
-            "LLM_BASE_URL": llm_base_url,
-            "DEFAULT_MODEL": "fake",
-        }
-        site = Site(env).start(tmp_path)
-        try:
-            yield site
-        finally:
-            site.stop()
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, fake_llm_server):
-    yield from live_site(tmp_path_factory.mktemp("browser-site"), fake_llm_server.base_url)
+    with running_site(tmp_path_factory.mktemp("browser-site"), fake_llm_server.base_url) as site:
+        yield site
 
 
 @pytest.fixture(scope="module")
 def down_site(tmp_path_factory):
     """A site whose model server is a closed loopback port."""
     closed = f"http://127.0.0.1:{free_port()}/v1"
-    yield from live_site(tmp_path_factory.mktemp("down-site"), closed)
+    with running_site(tmp_path_factory.mktemp("down-site"), closed) as site:
+        yield site
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from urllib.parse import urlencode, urlparse
 
 import pytest
 import websockets
 
 from tests.fake_llm import expected_text, reasoning_for
-from tests.live import ROOT, Browser, Site, site_database
+from tests.live import ROOT, Browser, Site, running_site
 
 pytestmark = pytest.mark.slow
 
@@ -29,30 +28,20 @@ TIMEOUT = 60
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, fake_llm_server):
-    tmp_path = tmp_path_factory.mktemp("client-site")
-    with site_database(tmp_path) as database_url:
-        env = {
-            "DATABASE_URL": database_url,
-            "LLM_BASE_URL": fake_llm_server.base_url,
-            "DEFAULT_MODEL": "fake",
-            # Every test here sends as one user (pk 1, as in every fresh
-            # site): a Redis namespace of its own keeps other sites' rate
-            # counters apart, and the limit is not what is tested here.
-            "REDIS_PREFIX": f"test-client-{uuid.uuid4().hex[:8]}",
-            "CHAT_RATE_LIMIT": "10000",
-        }
-        site = Site(env).start(tmp_path)
-        try:
-            site.manage(
-                "shell",
-                "-c",
-                "from django.contrib.auth import get_user_model; "
-                "get_user_model().objects.create_user('erin', password='correct horse battery')",
-            )
-            site.token = site.manage("create_token", "erin").strip()
-            yield site
-        finally:
-            site.stop()
+    # The limit is not what is tested here, and every test sends as one user.
+    with running_site(
+        tmp_path_factory.mktemp("client-site"),
+        fake_llm_server.base_url,
+        CHAT_RATE_LIMIT="10000",
+    ) as site:
+        site.manage(
+            "shell",
+            "-c",
+            "from django.contrib.auth import get_user_model; "
+            "get_user_model().objects.create_user('erin', password='correct horse battery')",
+        )
+        site.token = site.manage("create_token", "erin").strip()
+        yield site
 
 
 def client_env(site: Site, url: str | None = None, token: str | None = None) -> dict[str, str]:

@@ -10,24 +10,15 @@ import pytest
 import websockets
 
 from tests.fake_llm import expected_text
-from tests.live import Browser, Site, receive, site_database, text_of
+from tests.live import Browser, Site, receive, running_site, text_of
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def site(tmp_path, fake_llm_server):
-    with site_database(tmp_path) as database_url:
-        env = {
-            "DATABASE_URL": database_url,
-            "LLM_BASE_URL": fake_llm_server.base_url,
-            "DEFAULT_MODEL": "fake",
-        }
-        site = Site(env).start(tmp_path)
-        try:
-            yield site
-        finally:
-            site.stop()
+    with running_site(tmp_path, fake_llm_server.base_url) as site:
+        yield site
 
 
 async def test_sign_up_chat_leave_mid_answer_and_come_back(site):

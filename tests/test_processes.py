@@ -9,7 +9,7 @@ import pytest
 import websockets
 
 from tests.fake_llm import expected_text
-from tests.live import Browser, Site, receive, site_database
+from tests.live import Browser, Site, receive, running_site
 
 pytestmark = [
     pytest.mark.slow,
@@ -21,24 +21,10 @@ pytestmark = [
 ]
 
 
-def make_site(tmp_path, fake_llm_server, **extra):
-    return {
-        "LLM_BASE_URL": fake_llm_server.base_url,
-        "DEFAULT_MODEL": "fake",
-        "REDIS_URL": os.environ["REDIS_URL"],
-        **extra,
-    }
-
-
 @pytest.fixture
 def two_processes(tmp_path, fake_llm_server):
-    with site_database(tmp_path) as database_url:
-        env = make_site(tmp_path, fake_llm_server, DATABASE_URL=database_url)
-        site = Site(env, processes=2).start(tmp_path)
-        try:
-            yield site
-        finally:
-            site.stop()
+    with running_site(tmp_path, fake_llm_server.base_url, processes=2) as site:
+        yield site
 
 
 async def connect(site: Site, index: int, browser: Browser):
@@ -121,13 +107,10 @@ async def test_stop_through_one_process_stops_the_reply_in_the_other(
 @pytest.fixture
 def uncoalesced(tmp_path, fake_llm_server):
     """Every token its own delta, so 5,000 of them hit the channel layer."""
-    with site_database(tmp_path) as database_url:
-        env = make_site(tmp_path, fake_llm_server, DATABASE_URL=database_url, CHAT_COALESCE_MS="0")
-        site = Site(env, processes=2).start(tmp_path)
-        try:
-            yield site
-        finally:
-            site.stop()
+    with running_site(
+        tmp_path, fake_llm_server.base_url, processes=2, CHAT_COALESCE_MS="0"
+    ) as site:
+        yield site
 
 
 async def test_a_fast_long_reply_reaches_a_slow_reader_in_another_process_whole(uncoalesced):

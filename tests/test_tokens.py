@@ -21,6 +21,15 @@ def socket(headers: dict[str, str]) -> WebsocketCommunicator:
     )
 
 
+async def ready_token_socket(plain: str) -> WebsocketCommunicator:
+    """A socket opened with the token, past its ready frame."""
+    ws = socket({"Authorization": f"Bearer {plain}"})
+    connected, _ = await ws.connect()
+    assert connected
+    await ws.receive_json_from(timeout=10)
+    return ws
+
+
 def logged_in(user) -> Client:
     client = Client()
     client.force_login(user)
@@ -100,10 +109,7 @@ async def test_a_revoked_token_is_refused(alice):
 
 async def test_revoking_a_token_closes_its_open_sockets(alice):
     token, plain = await sync_to_async(ApiToken.issue)(alice, "script")
-    ws = socket({"Authorization": f"Bearer {plain}"})
-    connected, _ = await ws.connect()
-    assert connected
-    await ws.receive_json_from(timeout=10)
+    ws = await ready_token_socket(plain)
     client = await sync_to_async(logged_in)(alice)
     response = await sync_to_async(client.post)(reverse("token-revoke", args=[token.pk]))
     assert response.status_code == 302
@@ -133,10 +139,7 @@ async def test_a_cookie_socket_must_come_from_an_allowed_origin(alice):
 
 async def test_revoking_a_token_anywhere_closes_its_sockets(alice):
     token, plain = await sync_to_async(ApiToken.issue)(alice, "script")
-    ws = socket({"Authorization": f"Bearer {plain}"})
-    connected, _ = await ws.connect()
-    assert connected
-    await ws.receive_json_from(timeout=10)
+    ws = await ready_token_socket(plain)
     # As the admin's action or a shell would: the model method, no view.
     await sync_to_async(token.revoke)()
     assert await ws.receive_output(timeout=5) == {"type": "websocket.close", "code": 4001}
@@ -145,10 +148,7 @@ async def test_revoking_a_token_anywhere_closes_its_sockets(alice):
 
 async def test_deleting_a_token_closes_its_sockets(alice):
     token, plain = await sync_to_async(ApiToken.issue)(alice, "script")
-    ws = socket({"Authorization": f"Bearer {plain}"})
-    connected, _ = await ws.connect()
-    assert connected
-    await ws.receive_json_from(timeout=10)
+    ws = await ready_token_socket(plain)
     await sync_to_async(ApiToken.objects.filter(pk=token.pk).delete)()
     assert await ws.receive_output(timeout=5) == {"type": "websocket.close", "code": 4001}
     await ws.disconnect()
