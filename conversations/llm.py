@@ -3,6 +3,7 @@ LM Studio, OpenAI: anything that speaks OpenAI chat completions)."""
 
 import asyncio
 import json
+import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -13,14 +14,16 @@ import httpx2 as httpx  # the HTTP library openai 3 is built on
 import openai
 from django.conf import settings
 
-OPTION_NAMES = ("temperature", "top_p", "max_tokens", "seed")
+from .protocol import OPTION_RANGES, ErrorCode
+
+logger = logging.getLogger(__name__)
 
 
 class LLMError(Exception):
     """Anything that went wrong with the model server, with a protocol code:
     upstream_unavailable, model_not_found, upstream_error or timeout."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: ErrorCode, message: str):
         super().__init__(message)
         self.code = code
         self.message = message
@@ -67,23 +70,30 @@ def _as_llm_error(exc: BaseException) -> LLMError:
     if isinstance(exc, LLMError):
         return exc
     if isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException)):
-        return LLMError("timeout", "The model server took too long to answer.")
+        return LLMError(ErrorCode.TIMEOUT, "The model server took too long to answer.")
     if isinstance(exc, (openai.APIConnectionError, httpx.ConnectError)):
         return LLMError(
-            "upstream_unavailable", f"Cannot reach the model server at {settings.LLM_BASE_URL}."
+            ErrorCode.UPSTREAM_UNAVAILABLE,
+            f"Cannot reach the model server at {settings.LLM_BASE_URL}.",
         )
     if isinstance(exc, openai.NotFoundError):
-        return LLMError("model_not_found", _status_message(exc, "The model was not found."))
+        return LLMError(ErrorCode.MODEL_NOT_FOUND, _status_message(exc, "The model was not found."))
     if isinstance(exc, openai.APIStatusError):
         return LLMError(
-            "upstream_error",
+            ErrorCode.UPSTREAM_ERROR,
             _status_message(exc, f"The model server answered HTTP {exc.status_code}."),
         )
+    # The texts of the exceptions below say more about us than about the
+    # model server: they go to the log, not to the user.
     if isinstance(exc, (httpx.HTTPError, openai.APIError)):
-        return LLMError("upstream_error", f"The model server broke off the answer ({exc}).")
+        logger.warning("the model server broke off the answer: %r", exc)
+        return LLMError(ErrorCode.UPSTREAM_ERROR, "The model server broke off the answer.")
     if isinstance(exc, (ValueError, KeyError, TypeError, AttributeError)):
-        return LLMError("upstream_error", "The model server sent something that is not a chunk.")
-    return LLMError("upstream_error", str(exc) or exc.__class__.__name__)
+        return LLMError(
+            ErrorCode.UPSTREAM_ERROR, "The model server sent something that is not a chunk."
+        )
+    logger.error("unexpected error from the model server", exc_info=exc)
+    return LLMError(ErrorCode.UPSTREAM_ERROR, "The model server's answer failed unexpectedly.")
 
 
 def _status_message(exc: openai.APIStatusError, fallback: str) -> str:
@@ -202,7 +212,7 @@ async def stream_chat(
     """Yield Delta pieces of the answer as they arrive, then one Usage.
     Raises LLMError. Closing the generator closes the HTTP request, which
     is how the model server learns that the user pressed Stop."""
-    params = {k: v for k, v in (options or {}).items() if k in OPTION_NAMES and v is not None}
+    params = {k: v for k, v in (options or {}).items() if k in OPTION_RANGES and v is not None}
     splitter = ThinkSplitter()
     chunks = 0
     usage: Usage | None = None
@@ -233,17 +243,21 @@ async def stream_chat(
     except GeneratorExit:
         raise
     except json.JSONDecodeError as exc:
-        raise LLMError("upstream_error", "The model server sent a malformed chunk.") from exc
+        raise LLMError(
+            ErrorCode.UPSTREAM_ERROR, "The model server sent a malformed chunk."
+        ) from exc
     except Exception as exc:
         error = _as_llm_error(exc)
-        if started and error.code == "upstream_unavailable":
+        if started and error.code == ErrorCode.UPSTREAM_UNAVAILABLE:
             # The server answered, then the connection dropped mid-answer.
-            error = LLMError("upstream_error", "The model server broke off the answer.")
+            error = LLMError(ErrorCode.UPSTREAM_ERROR, "The model server broke off the answer.")
         raise error from exc
     if not finished:
         # A connection closed cleanly mid-answer reads like a normal end;
         # only the missing finish_reason tells them apart.
-        raise LLMError("upstream_error", "The model server ended the answer before finishing it.")
+        raise LLMError(
+            ErrorCode.UPSTREAM_ERROR, "The model server ended the answer before finishing it."
+        )
     rest = splitter.flush()
     if rest.content or rest.reasoning:
         yield rest

@@ -2,6 +2,7 @@ import hashlib
 import re
 import secrets
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -14,6 +15,8 @@ from django.db.models.signals import post_delete
 from django.dispatch import receiver
 from django.urls import reverse
 from django.utils import timezone
+
+from .protocol import INTERRUPTED_TEXT, MAX_MODEL, ErrorCode, SendRequest
 
 TITLE_LENGTH = 80
 CODE_FENCE = re.compile(r"```[\w+-]*")
@@ -64,6 +67,24 @@ class ConversationQuerySet(models.QuerySet):
             conversation.save(update_fields=changed)
         return conversation, False, bool(changed)
 
+    @transaction.atomic
+    def begin_send(self, user, request: SendRequest, default_model: str) -> "Turn":
+        """A `send`, in one trip to the database: where it goes (DoesNotExist
+        if not the user's), its settings applied, the saved user message and
+        the reply row to stream into (or Busy)."""
+        conversation, created, changed = self.for_send(
+            user,
+            request.conversation,
+            model=request.model,
+            system=request.system,
+            options=request.options,
+            default_model=default_model,
+        )
+        user_message, reply, _ = conversation.start_turn(
+            request.content, conversation.model, conversation.options
+        )
+        return Turn(conversation, created, changed, user_message, reply)
+
 
 class Busy(Exception):
     """A reply is already being written in this conversation."""
@@ -79,7 +100,7 @@ class Conversation(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
     )
     title = models.CharField(max_length=200, blank=True)
-    model = models.CharField(max_length=200, blank=True)
+    model = models.CharField(max_length=MAX_MODEL, blank=True)
     system_prompt = models.TextField(blank=True)
     options = models.JSONField(default=dict, blank=True)
     created = models.DateTimeField(default=timezone.now, editable=False)
@@ -137,6 +158,16 @@ class Conversation(models.Model):
         while len(turns) > 1 and turns[0]["role"] != Message.Role.USER:
             turns.pop(0)
         return system + turns
+
+    def stop_and_delete(self) -> None:
+        """Delete the conversation, stopping its live reply now rather than
+        when the reply next fails to save into a row that is gone."""
+        from . import replies  # replies is built on these models
+
+        reply = self.reply_in_progress()
+        if reply is not None:
+            async_to_sync(replies.request_stop)(self.pk, reply.pk)
+        self.delete()
 
     def title_from(self, content: str) -> str:
         # Markdown markers at the start of lines ("## ", "> ", "- ") and code
@@ -196,6 +227,15 @@ class Conversation(models.Model):
         return user_message, reply, superseded
 
 
+@dataclass(frozen=True)
+class Turn:
+    conversation: Conversation
+    created: bool  # a new conversation
+    changed: bool  # its settings changed
+    user_message: "Message"
+    reply: "Message"
+
+
 def estimate_tokens(text: str) -> int:
     return len(text) // 4 + 1
 
@@ -211,13 +251,13 @@ class MessageQuerySet(models.QuerySet):
         still be writing theirs: only rows whose writer stopped beating
         count."""
         if settings.REDIS_URL:
-            cutoff = timezone.now() - 3 * Message.HEARTBEAT
+            cutoff = timezone.now() - Message.stale_after()
         else:
             cutoff = PROCESS_STARTED
         return self.filter(status__in=Message.LIVE_STATUSES, updated__lte=cutoff).update(
             status=Message.Status.INTERRUPTED,
-            error_code="interrupted",
-            error="The server restarted while this reply was being written.",
+            error_code=ErrorCode.INTERRUPTED,
+            error=INTERRUPTED_TEXT,
         )
 
 
@@ -247,9 +287,9 @@ class Message(models.Model):
     content = models.TextField(blank=True)
     reasoning = models.TextField(blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
-    error_code = models.CharField(max_length=32, blank=True)
+    error_code = models.CharField(max_length=32, blank=True, choices=ErrorCode.choices)
     error = models.TextField(blank=True)
-    model = models.CharField(max_length=200, blank=True)
+    model = models.CharField(max_length=MAX_MODEL, blank=True)
     options = models.JSONField(default=dict, blank=True)
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
@@ -275,13 +315,19 @@ class Message(models.Model):
     def is_live(self) -> bool:
         return self.status in self.LIVE_STATUSES
 
+    @classmethod
+    def stale_after(cls) -> timedelta:
+        """The dead-writer rule: a live reply whose writer has been silent
+        (no save, no heartbeat) this long has lost its process."""
+        return 3 * cls.HEARTBEAT
+
     def is_stale(self) -> bool:
-        return self.is_live and self.updated < timezone.now() - 3 * self.HEARTBEAT
+        return self.is_live and self.updated < timezone.now() - self.stale_after()
 
     def mark_interrupted(self) -> None:
         self.status = self.Status.INTERRUPTED
-        self.error_code = "interrupted"
-        self.error = "The server stopped while this reply was being written."
+        self.error_code = ErrorCode.INTERRUPTED
+        self.error = INTERRUPTED_TEXT
         self.save(update_fields=["status", "error_code", "error"])
 
     def usage(self) -> dict[str, int | None]:

@@ -6,8 +6,9 @@ import pytest
 from django.contrib.auth.models import AnonymousUser
 from django.utils import timezone
 
-from conversations import models
+from conversations import models, replies
 from conversations.models import Busy, Conversation, Message, NothingToAnswer
+from conversations.protocol import SendRequest
 
 pytestmark = pytest.mark.django_db
 
@@ -547,3 +548,90 @@ def test_title_leaves_out_markdown_markers(chat):
 
     chat.refresh_from_db()
     assert chat.title == "Binary search in Python print(1)"
+
+
+# begin_send
+
+
+def send_request(conversation=None, content="Hello", **fields) -> SendRequest:
+    values = {"model": None, "system": None, "options": None, **fields}
+    return SendRequest(conversation and str(conversation), content, **values)
+
+
+def test_begin_send_to_no_conversation_starts_one_with_the_turn(alice):
+    turn = Conversation.objects.begin_send(alice, send_request(system="Be kind."), "fake")
+    assert turn.created and not turn.changed
+    assert (turn.conversation.owner, turn.conversation.model) == (alice, "fake")
+    assert (turn.user_message.content, turn.reply.status) == ("Hello", "streaming")
+    assert turn.reply.model == "fake"
+    assert list(turn.conversation.visible_messages()) == [turn.user_message, turn.reply]
+
+
+def test_begin_send_applies_the_settings_to_the_reply(chat):
+    request = send_request(chat.pk, model="fake-think", options={"seed": 2})
+    turn = Conversation.objects.begin_send(chat.owner, request, "x")
+    assert turn.changed and not turn.created
+    assert (turn.reply.model, turn.reply.options) == ("fake-think", {"seed": 2})
+
+
+def test_begin_send_to_another_users_conversation_saves_nothing(chat, bob):
+    with pytest.raises(Conversation.DoesNotExist):
+        Conversation.objects.begin_send(bob, send_request(chat.pk, model="evil"), "x")
+    chat.refresh_from_db()
+    assert chat.model == "fake" and not chat.messages.exists()
+
+
+def test_a_busy_begin_send_changes_no_setting(chat):
+    chat.start_turn("first", "fake", {})
+    with pytest.raises(Busy):
+        Conversation.objects.begin_send(
+            chat.owner, send_request(chat.pk, model="fake-think", system="Be long."), "x"
+        )
+    chat.refresh_from_db()
+    assert (chat.model, chat.system_prompt, chat.messages.count()) == ("fake", "", 2)
+
+
+# stop_and_delete
+
+
+@pytest.fixture
+def stops(monkeypatch) -> list:
+    asked = []
+
+    async def request_stop(conversation_id, message_id):
+        asked.append((conversation_id, message_id))
+
+    monkeypatch.setattr(replies, "request_stop", request_stop)
+    return asked
+
+
+def test_stop_and_delete_stops_the_live_reply_then_deletes(chat, stops):
+    _, reply, _ = chat.start_turn("hi", "fake", {})
+    pk = chat.pk
+    chat.stop_and_delete()
+    assert stops == [(pk, reply.pk)]
+    assert not Conversation.objects.filter(pk=pk).exists()
+    assert not Message.objects.exists()
+
+
+def test_stop_and_delete_without_a_live_reply_only_deletes(chat, stops):
+    _, reply, _ = chat.start_turn("hi", "fake", {})
+    Message.objects.filter(pk=reply.pk).update(status=COMPLETE)
+    pk = chat.pk
+    chat.stop_and_delete()
+    assert stops == []
+    assert not Conversation.objects.filter(pk=pk).exists()
+
+
+# The dead-writer rule
+
+
+def test_a_live_reply_is_stale_only_after_three_heartbeats_of_silence(chat):
+    _, reply, _ = chat.start_turn("hi", "fake", {})
+    assert Message.stale_after() == 3 * Message.HEARTBEAT
+    reply.updated = timezone.now() - Message.stale_after() + timedelta(seconds=1)
+    assert not reply.is_stale()
+    reply.updated = timezone.now() - Message.stale_after() - timedelta(seconds=1)
+    assert reply.is_stale()
+    reply.status = COMPLETE
+    assert not reply.is_stale()

@@ -1,0 +1,329 @@
+"""The names, codes, limits and frame shapes of the WebSocket protocol v1
+(docs/protocol.md), in one place: a validator per client frame, a builder
+per server frame. Nothing here touches the database or the channel layer,
+so every rule can be tested as a plain function call."""
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
+
+from django.conf import settings
+from django.db import models
+
+if TYPE_CHECKING:
+    from .models import Conversation, Message
+
+PROTOCOL = 1
+CLOSE_TOKEN_REVOKED = 4001
+MAX_FRAME = 256 * 1024
+MAX_ID = 64
+# Also the max_length of the model fields (Conversation.model, Message.model).
+MAX_MODEL = 200
+# The client frame types, each handled by one consumer method.
+CLIENT_FRAMES = ("send", "stop", "regenerate", "subscribe", "unsubscribe", "ping")
+OPTION_RANGES: dict[str, tuple[type, float, float]] = {
+    "temperature": (float, 0.0, 2.0),
+    "top_p": (float, 0.0, 1.0),
+    "max_tokens": (int, 1, 1_000_000),
+    "seed": (int, -(2**63), 2**63 - 1),
+}
+
+
+class ErrorCode(models.TextChoices):
+    """Every code of docs/protocol.md, plus `interrupted`, which only ever
+    appears in a stored reply's error."""
+
+    BAD_REQUEST = "bad_request"
+    NOT_FOUND = "not_found"
+    BUSY = "busy"
+    RATE_LIMITED = "rate_limited"
+    TOO_LARGE = "too_large"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    MODEL_NOT_FOUND = "model_not_found"
+    UPSTREAM_ERROR = "upstream_error"
+    TIMEOUT = "timeout"
+    SERVER_ERROR = "server_error"
+    INTERRUPTED = "interrupted"
+
+
+# What a reply cut off by its own server process says, however it was noticed.
+INTERRUPTED_TEXT = "The server stopped while this reply was being written."
+NOT_FOUND_TEXT = "No such conversation."
+BUSY_TEXT = "A reply is still being written in this conversation."
+RATE_LIMITED_TEXT = "Too many messages; wait a minute and try again."
+SERVER_ERROR_TEXT = "Something went wrong on the server; try again."
+NOTHING_TO_ANSWER_TEXT = "There is no message to answer in this conversation."
+
+
+class FrameError(Exception):
+    """A client frame that is refused: becomes an `error` frame."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def bad_request(message: str) -> FrameError:
+    return FrameError(ErrorCode.BAD_REQUEST, message)
+
+
+# Client frames.
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    conversation: str | None
+    content: str
+    model: str | None
+    system: str | None
+    options: dict[str, Any] | None
+
+
+def decode(text_data: str | None) -> Any:
+    """The JSON value of a text frame."""
+    if text_data is None:
+        raise bad_request("Frames must be JSON text.")
+    if len(text_data) > MAX_FRAME:
+        raise FrameError(ErrorCode.TOO_LARGE, f"Frames are limited to {MAX_FRAME} characters.")
+    try:
+        return json.loads(text_data)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise bad_request("That frame is not valid JSON.") from None
+
+
+def request_id(frame: Any) -> str | None:
+    """The id to answer with: None when the frame has none, or none valid
+    (an invalid one is refused by frame_type(), and the refusal has no id)."""
+    value = frame.get("id") if isinstance(frame, dict) else None
+    if not isinstance(value, str) or len(value) > MAX_ID or not _encodable(value):
+        return None
+    return value
+
+
+def frame_type(frame: Any) -> str:
+    """The type of a frame, one of CLIENT_FRAMES, once it has passed the
+    checks that every frame must pass."""
+    if not isinstance(frame, dict):
+        raise bad_request("A frame must be a JSON object.")
+    if "id" in frame and request_id(frame) is None:
+        raise bad_request(f"id must be a string of at most {MAX_ID} characters.")
+    kind = frame.get("type")
+    if kind not in CLIENT_FRAMES:
+        raise bad_request(f"Unknown frame type: {str(kind)[:40]!r}.")
+    for name in ("content", "system", "model"):
+        value = frame.get(name)
+        if isinstance(value, str) and not _encodable(value):
+            raise bad_request(f"{name} is not valid Unicode text.")
+    return kind
+
+
+def send_request(frame: dict) -> SendRequest:
+    content = frame.get("content")
+    if not isinstance(content, str):
+        raise bad_request("content must be a string.")
+    if len(content) > settings.CHAT_MAX_CONTENT:
+        raise FrameError(
+            ErrorCode.TOO_LARGE,
+            f"A message is limited to {settings.CHAT_MAX_CONTENT} characters.",
+        )
+    if not content.strip():
+        raise bad_request("content must not be empty.")
+    model = _optional_str(frame, "model", MAX_MODEL)
+    system = _optional_str(frame, "system", settings.CHAT_MAX_CONTENT)
+    options = _options(frame.get("options"))
+    conversation = None if frame.get("conversation") is None else conversation_id(frame)
+    return SendRequest(conversation, content, model, system, options)
+
+
+def conversation_id(frame: dict) -> str:
+    """The conversation a frame is about; a well-formed id that is not a
+    UUID names no conversation, so it is not_found like any unknown one."""
+    value = frame.get("conversation")
+    if not isinstance(value, str):
+        raise bad_request("conversation must be a conversation id.")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise FrameError(ErrorCode.NOT_FOUND, NOT_FOUND_TEXT) from None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no database can store it
+        return False
+    return True
+
+
+def _optional_str(frame: dict, name: str, limit: int) -> str | None:
+    value = frame.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise bad_request(f"{name} must be a string.")
+    if len(value) > limit:
+        raise FrameError(ErrorCode.TOO_LARGE, f"{name} is limited to {limit} characters.")
+    return value
+
+
+def _options(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request("options must be an object.")
+    options = {}
+    for name, (kind, low, high) in OPTION_RANGES.items():
+        option = value.get(name)
+        if option is None:
+            continue
+        if isinstance(option, bool) or not isinstance(option, (int, float)):
+            raise bad_request(f"options.{name} must be a number.")
+        if not low <= option <= high:
+            raise bad_request(f"options.{name} must be between {low} and {high}.")
+        if kind is int and not float(option).is_integer():
+            raise bad_request(f"options.{name} must be a whole number.")
+        options[name] = kind(option)
+    return options
+
+
+# Server frames. Ids and codes go out as plain str: channel layers
+# serialise frames, and some serialisers take only exact types.
+
+
+class ErrorDict(TypedDict):
+    code: str
+    message: str
+
+
+class ReadyFrame(TypedDict):
+    type: str
+    user: str
+    protocol: int
+    models: list[str]
+    default_model: str
+    llm: str
+
+
+class ConversationFrame(TypedDict):
+    type: str
+    conversation: dict[str, Any]
+
+
+class MessageFrame(TypedDict):
+    type: str
+    conversation: str
+    message: dict[str, Any]
+
+
+class StartFrame(TypedDict):
+    type: str
+    conversation: str
+    message: str
+    model: str
+
+
+class DeltaFrame(TypedDict):
+    type: str
+    conversation: str
+    message: str
+    seq: int
+    content: NotRequired[str]
+    reasoning: NotRequired[str]
+
+
+class EndFrame(TypedDict):
+    type: str
+    conversation: str
+    message: str
+    status: str
+    seq: int
+    usage: dict[str, int | None]
+    timing: dict[str, float | int | None]
+    error: NotRequired[ErrorDict]
+
+
+class ErrorFrame(TypedDict):
+    type: str
+    code: str
+    message: str
+    conversation: NotRequired[str]
+    id: NotRequired[str]
+
+
+def ready_frame(user: str, models: list[str], default_model: str, llm: str) -> ReadyFrame:
+    return {
+        "type": "ready",
+        "user": user,
+        "protocol": PROTOCOL,
+        "models": models,
+        "default_model": default_model,
+        "llm": llm,
+    }
+
+
+def conversation_frame(conversation: "Conversation") -> ConversationFrame:
+    return {"type": "conversation", "conversation": conversation.as_frame()}
+
+
+def message_frame(conversation_id: Any, message: dict[str, Any]) -> MessageFrame:
+    """message is a snapshot: Message.as_frame(), or a live one from the
+    process writing the reply."""
+    return {"type": "message", "conversation": str(conversation_id), "message": message}
+
+
+def start_frame(conversation_id: Any, message_id: Any, model: str) -> StartFrame:
+    return {
+        "type": "start",
+        "conversation": str(conversation_id),
+        "message": str(message_id),
+        "model": model,
+    }
+
+
+def delta_frame(
+    conversation_id: Any, message_id: Any, seq: int, content: str, reasoning: str
+) -> DeltaFrame:
+    frame: DeltaFrame = {
+        "type": "delta",
+        "conversation": str(conversation_id),
+        "message": str(message_id),
+        "seq": seq,
+    }
+    if content:
+        frame["content"] = content
+    if reasoning:
+        frame["reasoning"] = reasoning
+    return frame
+
+
+def end_frame(message: "Message") -> EndFrame:
+    """The end of a reply, as the (possibly unsaved) row says it ended."""
+    frame: EndFrame = {
+        "type": "end",
+        "conversation": str(message.conversation_id),
+        "message": str(message.pk),
+        "status": str(message.status),
+        "seq": message.seq,
+        "usage": message.usage(),
+        "timing": message.timing(),
+    }
+    if message.error_code:
+        frame["error"] = {"code": str(message.error_code), "message": message.error}
+    return frame
+
+
+def error_frame(
+    code: str, message: str, request_id: str | None = None, conversation: Any = None
+) -> ErrorFrame:
+    frame: ErrorFrame = {"type": "error", "code": str(code), "message": message}
+    if conversation is not None:
+        frame["conversation"] = str(conversation)
+    if request_id is not None:
+        frame["id"] = request_id
+    return frame
+
+
+def pong_frame() -> dict[str, str]:
+    return {"type": "pong"}

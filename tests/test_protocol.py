@@ -1,0 +1,327 @@
+"""The protocol's validators and frame builders, as plain function calls."""
+
+import json
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from conversations import protocol
+from conversations.consumers import ChatConsumer
+from conversations.models import Message
+from conversations.protocol import ErrorCode, FrameError, SendRequest
+
+CONVERSATION = "0b8f2c36-7d7e-4c4e-9d55-2d8c2f1a0c11"
+
+
+def refusal(call, *args) -> tuple[str, str]:
+    with pytest.raises(FrameError) as caught:
+        call(*args)
+    return caught.value.code, caught.value.message
+
+
+def send(**fields) -> dict:
+    return {"type": "send", "conversation": None, "content": "hi", **fields}
+
+
+# decode
+
+
+@pytest.mark.parametrize(
+    "text, code",
+    [
+        pytest.param(None, "bad_request", id="binary"),
+        pytest.param("not json", "bad_request", id="not-json"),
+        pytest.param("[" * 100_000 + "]" * 100_000, "bad_request", id="deeply-nested"),
+        pytest.param('"' + "x" * protocol.MAX_FRAME + '"', "too_large", id="over-256-KiB"),
+    ],
+)
+def test_decode_refuses(text, code):
+    assert refusal(protocol.decode, text)[0] == code
+
+
+def test_decode_takes_a_frame_of_exactly_the_limit():
+    text = '"' + "x" * (protocol.MAX_FRAME - 2) + '"'
+    assert protocol.decode(text) == "x" * (protocol.MAX_FRAME - 2)
+
+
+# request_id and frame_type
+
+
+@pytest.mark.parametrize(
+    "frame, expected",
+    [
+        pytest.param({"type": "ping", "id": "a1"}, "a1", id="a-string"),
+        pytest.param({"type": "ping", "id": "x" * 64}, "x" * 64, id="64-characters"),
+        pytest.param({"type": "ping", "id": "x" * 65}, None, id="65-characters"),
+        pytest.param({"type": "ping", "id": 12}, None, id="a-number"),
+        pytest.param({"type": "ping", "id": "\ud800"}, None, id="a-lone-surrogate"),
+        pytest.param({"type": "ping"}, None, id="missing"),
+        pytest.param(["id", "a1"], None, id="not-an-object"),
+    ],
+)
+def test_request_id(frame, expected):
+    assert protocol.request_id(frame) == expected
+
+
+@pytest.mark.parametrize("kind", protocol.CLIENT_FRAMES)
+def test_frame_type_takes_every_client_frame(kind):
+    assert protocol.frame_type({"type": kind, "id": "a1"}) == kind
+
+
+@pytest.mark.parametrize(
+    "frame, reason",
+    [
+        pytest.param([1, 2], "A frame must be a JSON object.", id="a-list"),
+        pytest.param("send", "A frame must be a JSON object.", id="a-string"),
+        pytest.param({"no": "type"}, "Unknown frame type: 'None'.", id="no-type"),
+        pytest.param({"type": "dance"}, "Unknown frame type: 'dance'.", id="unknown-type"),
+        pytest.param({"type": []}, "Unknown frame type: '[]'.", id="a-list-type"),
+        pytest.param({"type": {"a": 1}}, "Unknown frame type: \"{'a': 1}\".", id="an-object-type"),
+        pytest.param({"type": "ping", "id": 12}, "id must be a string", id="a-number-id"),
+        pytest.param({"type": "ping", "id": "x" * 65}, "id must be a string", id="a-long-id"),
+        pytest.param(send(content="\ud800 hi"), "content is not valid", id="surrogate-content"),
+        pytest.param(send(system="\udfff"), "system is not valid", id="surrogate-system"),
+        pytest.param(send(model="\udfff"), "model is not valid", id="surrogate-model"),
+    ],
+)
+def test_frame_type_refuses_as_bad_request(frame, reason):
+    code, message = refusal(protocol.frame_type, frame)
+    assert code == "bad_request"
+    assert message.startswith(reason)
+
+
+def test_an_unknown_type_is_named_before_its_text_is_checked():
+    assert (
+        "Unknown frame type" in refusal(protocol.frame_type, {"type": "x", "content": "\ud800"})[1]
+    )
+
+
+def test_the_consumer_handles_exactly_the_client_frames():
+    assert set(ChatConsumer.handlers) == set(protocol.CLIENT_FRAMES)
+
+
+# send_request
+
+
+def test_send_request_carries_every_field():
+    frame = send(
+        conversation=CONVERSATION.upper(),
+        content="Hello there",
+        model="fake",
+        system="",
+        options={"temperature": 1, "max_tokens": 5.0, "seed": None, "unknown": "x"},
+    )
+    assert protocol.send_request(frame) == SendRequest(
+        conversation=CONVERSATION,
+        content="Hello there",
+        model="fake",
+        system="",
+        options={"temperature": 1.0, "max_tokens": 5},
+    )
+
+
+def test_send_request_leaves_what_is_missing_unset():
+    assert protocol.send_request(send()) == SendRequest(None, "hi", None, None, None)
+
+
+def test_send_request_options_keep_their_kinds():
+    options = protocol.send_request(send(options={"temperature": 1, "max_tokens": 7.0})).options
+    assert type(options["temperature"]) is float and type(options["max_tokens"]) is int
+
+
+@pytest.mark.parametrize(
+    "fields, code",
+    [
+        pytest.param({"content": None}, "bad_request", id="no-content"),
+        pytest.param({"content": 5}, "bad_request", id="content-a-number"),
+        pytest.param({"content": ""}, "bad_request", id="content-empty"),
+        pytest.param({"content": " \n\t "}, "bad_request", id="content-whitespace"),
+        pytest.param({"content": "x" * 32_001}, "too_large", id="content-over-the-limit"),
+        pytest.param({"model": 3}, "bad_request", id="model-a-number"),
+        pytest.param({"model": "m" * 201}, "too_large", id="model-over-200"),
+        pytest.param({"system": ["x"]}, "bad_request", id="system-a-list"),
+        pytest.param({"system": "s" * 32_001}, "too_large", id="system-over-the-limit"),
+        pytest.param({"conversation": 12}, "bad_request", id="conversation-a-number"),
+        pytest.param({"conversation": "not-a-uuid"}, "not_found", id="conversation-not-a-uuid"),
+        pytest.param({"options": []}, "bad_request", id="options-a-list"),
+        pytest.param({"options": {"temperature": "hot"}}, "bad_request", id="option-a-string"),
+        pytest.param({"options": {"top_p": True}}, "bad_request", id="option-a-boolean"),
+        pytest.param({"options": {"temperature": 2.5}}, "bad_request", id="temperature-over-2"),
+        pytest.param({"options": {"top_p": -0.1}}, "bad_request", id="top_p-under-0"),
+        pytest.param({"options": {"max_tokens": 0}}, "bad_request", id="max_tokens-0"),
+        pytest.param({"options": {"max_tokens": 2.5}}, "bad_request", id="max_tokens-a-fraction"),
+        pytest.param({"options": {"seed": 2**63}}, "bad_request", id="seed-over-2-63"),
+        pytest.param({"options": {"seed": float("inf")}}, "bad_request", id="seed-infinite"),
+    ],
+)
+def test_send_request_refuses(fields, code, settings):
+    settings.CHAT_MAX_CONTENT = 32_000
+    assert refusal(protocol.send_request, send(**fields))[0] == code
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"temperature": 0, "top_p": 1}, id="lowest-temperature-highest-top_p"),
+        pytest.param({"temperature": 2.0, "top_p": 0.0}, id="highest-temperature-lowest-top_p"),
+        pytest.param({"max_tokens": 1_000_000, "seed": -(2**63)}, id="max_tokens-and-seed-edges"),
+    ],
+)
+def test_send_request_takes_options_at_their_limits(options):
+    assert protocol.send_request(send(options=options)).options == options
+
+
+def test_content_limit_is_the_setting(settings):
+    settings.CHAT_MAX_CONTENT = 10
+    assert protocol.send_request(send(content="x" * 10)).content == "x" * 10
+    assert refusal(protocol.send_request, send(content="x" * 11)) == (
+        "too_large",
+        "A message is limited to 10 characters.",
+    )
+
+
+def test_model_limit_is_the_model_fields_max_length():
+    assert protocol.MAX_MODEL == Message._meta.get_field("model").max_length
+
+
+# conversation_id
+
+
+@pytest.mark.parametrize(
+    "value, code",
+    [
+        pytest.param(None, "bad_request", id="missing"),
+        pytest.param(["x"], "bad_request", id="a-list"),
+        pytest.param("not-a-uuid", "not_found", id="not-a-uuid"),
+    ],
+)
+def test_conversation_id_refuses(value, code):
+    assert refusal(protocol.conversation_id, {"conversation": value})[0] == code
+
+
+def test_conversation_id_is_normalised():
+    value = "{" + CONVERSATION.upper() + "}"
+    assert protocol.conversation_id({"conversation": value}) == CONVERSATION
+
+
+# ErrorCode
+
+
+def test_error_codes_are_those_of_the_protocol_document():
+    codes = {
+        "bad_request",
+        "not_found",
+        "busy",
+        "rate_limited",
+        "too_large",
+        "upstream_unavailable",
+        "model_not_found",
+        "upstream_error",
+        "timeout",
+        "server_error",
+        "interrupted",
+    }
+    assert {code.value for code in ErrorCode} == codes
+
+
+def test_error_codes_are_the_choices_of_a_stored_error():
+    assert Message._meta.get_field("error_code").choices == ErrorCode.choices
+
+
+# Frame builders
+
+
+def reply(**fields) -> Message:
+    values = {
+        "id": uuid.UUID(int=2),
+        "conversation_id": uuid.UUID(int=1),
+        "role": "assistant",
+        "status": "complete",
+        "seq": 3,
+        "prompt_tokens": 10,
+        "completion_tokens": 6,
+        "ttft_ms": 20,
+        "duration_ms": 420,
+    }
+    return Message(**{**values, **fields})
+
+
+def test_end_frame_of_a_complete_reply():
+    assert protocol.end_frame(reply()) == {
+        "type": "end",
+        "conversation": str(uuid.UUID(int=1)),
+        "message": str(uuid.UUID(int=2)),
+        "status": "complete",
+        "seq": 3,
+        "usage": {"prompt_tokens": 10, "completion_tokens": 6},
+        "timing": {"ttft_ms": 20, "duration_ms": 420, "tokens_per_s": 15.0},
+    }
+
+
+def test_end_frame_of_a_failed_reply_says_why():
+    frame = protocol.end_frame(
+        reply(status="interrupted", error_code=ErrorCode.UPSTREAM_ERROR, error="Broke off.")
+    )
+    assert frame["error"] == {"code": "upstream_error", "message": "Broke off."}
+    assert type(frame["error"]["code"]) is str and type(frame["status"]) is str
+
+
+def test_delta_frame_carries_only_the_text_it_has():
+    assert protocol.delta_frame(1, 2, 4, "", "hmm") == {
+        "type": "delta",
+        "conversation": "1",
+        "message": "2",
+        "seq": 4,
+        "reasoning": "hmm",
+    }
+    assert "reasoning" not in protocol.delta_frame(1, 2, 4, "yes", "")
+
+
+def test_start_frame():
+    assert protocol.start_frame(uuid.UUID(int=1), uuid.UUID(int=2), "fake") == {
+        "type": "start",
+        "conversation": str(uuid.UUID(int=1)),
+        "message": str(uuid.UUID(int=2)),
+        "model": "fake",
+    }
+
+
+@pytest.mark.parametrize(
+    "request_id, conversation, extra",
+    [
+        pytest.param(None, None, {}, id="bare"),
+        pytest.param("a1", None, {"id": "a1"}, id="answering-a-frame"),
+        pytest.param("a1", 7, {"id": "a1", "conversation": "7"}, id="of-a-failed-reply"),
+        pytest.param(None, 7, {"conversation": "7"}, id="of-a-failed-reply-without-id"),
+    ],
+)
+def test_error_frame(request_id, conversation, extra):
+    frame = protocol.error_frame(ErrorCode.BUSY, "Busy.", request_id, conversation)
+    assert frame == {"type": "error", "code": "busy", "message": "Busy.", **extra}
+    assert type(frame["code"]) is str
+
+
+def test_message_and_conversation_frames():
+    conversation = SimpleNamespace(as_frame=lambda: {"id": "1"})
+    assert protocol.conversation_frame(conversation) == {
+        "type": "conversation",
+        "conversation": {"id": "1"},
+    }
+    assert protocol.message_frame(uuid.UUID(int=1), {"id": "2"}) == {
+        "type": "message",
+        "conversation": str(uuid.UUID(int=1)),
+        "message": {"id": "2"},
+    }
+
+
+def test_ready_frame_says_the_protocol_version():
+    frame = protocol.ready_frame("alice", ["fake"], "fake", "ok")
+    assert json.loads(json.dumps(frame)) == {
+        "type": "ready",
+        "user": "alice",
+        "protocol": 1,
+        "models": ["fake"],
+        "default_model": "fake",
+        "llm": "ok",
+    }
