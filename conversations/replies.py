@@ -18,15 +18,15 @@ from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 
-from . import llm
+from . import llm, protocol
 from .models import Conversation, Message
 
 logger = logging.getLogger(__name__)
 
-# Strong references: the event loop keeps only weak ones to tasks.
-_running: set[asyncio.Task] = set()
-_replies: set["Reply"] = set()
-_shutdown_hooked = False
+# Every running reply, by its task. Also the strong references the tasks
+# need: the event loop keeps only weak ones.
+_running: dict[asyncio.Task, "ReplyWriter"] = {}
+_swept = False
 
 
 def conversation_group(conversation_id: Any) -> str:
@@ -37,43 +37,43 @@ def control_group(conversation_id: Any) -> str:
     return f"chat.{conversation_id}.control"
 
 
-def start(conversation: Conversation, reply: Message, origin: str = "", request_id: Any = None):
+def start(
+    conversation: Conversation, reply: Message, origin: str = "", request_id: Any = None
+) -> asyncio.Task:
     """Run the reply in the background and return its task."""
-    _hook_shutdown()
-    writer = Reply(conversation, reply, origin, request_id)
+    writer = ReplyWriter(conversation, reply, origin, request_id)
     task = asyncio.get_running_loop().create_task(writer.run(), name=f"reply-{reply.pk}")
-    _running.add(task)
-    _replies.add(writer)
-    task.add_done_callback(lambda done: (_running.discard(done), _replies.discard(writer)))
+    _running[task] = writer
+    task.add_done_callback(lambda done: _running.pop(done, None))
     return task
 
 
-def _hook_shutdown() -> None:
-    """Under daphne, a shutdown (a deploy, Ctrl-C) would drop the running
-    replies mid-sentence: have the reactor wait while each one saves its
-    text as interrupted and tells its tabs, as daphne does for sockets."""
-    global _shutdown_hooked
-    if _shutdown_hooked:
-        return
-    _shutdown_hooked = True
-    try:
-        from twisted.internet import defer, reactor
-    except ImportError:
-        return
-    if not reactor.running:  # not under daphne (tests, scripts)
-        return
+def interrupt_all() -> None:
+    """Cut every running reply off, as a server shutdown does: each saves
+    its text as interrupted and tells its tabs."""
+    for writer in list(_running.values()):
+        writer.interrupt()
 
-    async def interrupt_all() -> None:
-        for writer in list(_replies):
-            writer.interrupt()
-        if _running:
-            await asyncio.wait(list(_running), timeout=5)
 
-    reactor.addSystemEventTrigger(
-        "before",
-        "shutdown",
-        lambda: defer.Deferred.fromFuture(asyncio.ensure_future(interrupt_all())),
-    )
+async def wait_all(timeout: float = 10.0) -> None:
+    """Wait for the running replies to end; cancel those still running
+    after timeout seconds."""
+    pending = list(_running)
+    if not pending:
+        return
+    _, late = await asyncio.wait(pending, timeout=timeout)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
+
+
+async def broadcast(conversation_id: Any, frame: dict[str, Any], skip: str | None = None) -> None:
+    """Send a frame to every socket subscribed to the conversation, in any
+    process; but the socket whose channel is skip."""
+    event = {"type": "chat.event", "conversation": str(conversation_id), "frame": frame}
+    if skip is not None:
+        event["skip"] = skip
+    await get_channel_layer().group_send(conversation_group(conversation_id), event)
 
 
 def _stop_key(message_id: Any) -> str:
@@ -104,7 +104,32 @@ async def snapshot(conversation_id: Any, message_id: Any, wait: float = 1.0) -> 
     return answer["frame"]
 
 
-class Reply:
+async def current(message: Message) -> dict[str, Any]:
+    """A message as it is now: for a reply in progress, the snapshot of the
+    process writing it, which is newer than the database. A live reply that
+    no process answers for, silent past Message.stale_after(), has lost its
+    writer: it is marked interrupted, and every tab still waiting is told."""
+    if message.is_live:
+        frame = await snapshot(message.conversation_id, message.pk)
+        if frame is not None:
+            return frame
+        message = await Message.objects.aget(pk=message.pk)
+        if message.is_stale():
+            await database_sync_to_async(message.mark_interrupted)()
+            await broadcast(message.conversation_id, protocol.end_frame(message))
+    return message.as_frame()
+
+
+async def sweep_orphans_once() -> None:
+    """Replies left streaming by a process that died: the first socket of a
+    process clears them up, whatever server runs us."""
+    global _swept
+    if not _swept:
+        _swept = True
+        await database_sync_to_async(Message.objects.interrupt_orphans)()
+
+
+class ReplyWriter:
     def __init__(self, conversation: Conversation, message: Message, origin: str, request_id):
         self.conversation_id = str(conversation.pk)
         self.message = message
@@ -122,8 +147,8 @@ class Reply:
         self.started = time.monotonic()
         self.first_token: float | None = None
         self.last_save = self.started
-        self.stopping = False
-        self.shutting_down = False
+        # How the reply ends if its stream is cancelled: set once, by _cancel().
+        self.outcome: Message.Status | None = None
         self.finishing = False
         self.wake = asyncio.Event()
         self.stream: asyncio.Task | None = None
@@ -133,36 +158,30 @@ class Reply:
         await self.layer.group_add(control_group(self.conversation_id), control)
         listener = asyncio.create_task(self._listen(control))
         if await cache.aget(_stop_key(self.message_id)):
-            self.stopping = True
+            self._cancel(Message.Status.STOPPED)
         pump: asyncio.Task | None = None
         status, error = Message.Status.COMPLETE, None
         try:
             history = await database_sync_to_async(self._history)()
             await self._broadcast(
-                {
-                    "type": "start",
-                    "conversation": self.conversation_id,
-                    "message": self.message_id,
-                    "model": self.message.model,
-                }
+                protocol.start_frame(self.conversation_id, self.message_id, self.message.model)
             )
             self.started = time.monotonic()
             pump = asyncio.create_task(self._pump())
             self.stream = asyncio.create_task(self._stream(history))
-            if self.stopping:  # Stop came while the history was loading
+            if self.outcome is not None:  # Stop came while the history was loading
                 self.stream.cancel()
             try:
                 await self.stream
             except asyncio.CancelledError:
-                if not self.stopping:
+                if self.outcome is None:
                     raise
             except llm.LLMError as exc:
                 error = exc
-            if self.stream.cancelled() and self.shutting_down:
-                status = Message.Status.INTERRUPTED
-                error = llm.LLMError("interrupted", "The server was restarted during this reply.")
-            elif self.stream.cancelled():
-                status = Message.Status.STOPPED
+            if self.stream.cancelled():
+                status = self.outcome
+                if status == Message.Status.INTERRUPTED:
+                    error = llm.LLMError(protocol.ErrorCode.INTERRUPTED, protocol.INTERRUPTED_TEXT)
             elif error is not None:
                 started_answer = bool(self.content or self.pending_content)
                 status = Message.Status.INTERRUPTED if started_answer else Message.Status.ERROR
@@ -171,9 +190,13 @@ class Reply:
             await pump
             # What arrived while the pump's last delta was being sent.
             await self._flush()
-        except Exception as exc:  # never leave a row half-written
+        except Exception:  # never leave a row half-written
+            # The exception's text may say anything about our internals:
+            # it goes to the log, and the user gets a plain sentence.
             logger.exception("reply %s failed", self.message_id)
-            error = error or llm.LLMError("upstream_error", f"Internal error: {exc}")
+            error = error or llm.LLMError(
+                protocol.ErrorCode.UPSTREAM_ERROR, "The reply failed on the server."
+            )
             status = Message.Status.ERROR
             # Keep every word that arrived, sent to the sockets or not.
             self.content += self.pending_content
@@ -220,16 +243,12 @@ class Reply:
                 # Still alive, though quiet: say so to the database and to the
                 # sockets, which otherwise take a long silence for a death.
                 await self._guarded(self._save())
-                await self._guarded(
-                    self.layer.group_send(
-                        self.group,
-                        {
-                            "type": "chat.alive",
-                            "conversation": self.conversation_id,
-                            "message": self.message_id,
-                        },
-                    )
-                )
+                alive = {
+                    "type": "chat.alive",
+                    "conversation": self.conversation_id,
+                    "message": self.message_id,
+                }
+                await self._guarded(self.layer.group_send(self.group, alive))
                 continue
             self.wake.clear()
             await self._guarded(self._flush())
@@ -249,36 +268,40 @@ class Reply:
     async def _flush(self) -> None:
         if not (self.pending_content or self.pending_reasoning):
             return
-        frame: dict[str, Any] = {
-            "type": "delta",
-            "conversation": self.conversation_id,
-            "message": self.message_id,
-        }
-        if self.pending_content:
-            frame["content"] = self.pending_content
-        if self.pending_reasoning:
-            frame["reasoning"] = self.pending_reasoning
         # Text, seq and snapshot change together, with no await between, so
         # a snapshot always matches exactly the deltas numbered up to it.
         self.seq += 1
-        frame["seq"] = self.seq
+        frame = protocol.delta_frame(
+            self.conversation_id,
+            self.message_id,
+            self.seq,
+            self.pending_content,
+            self.pending_reasoning,
+        )
         self.content += self.pending_content
         self.reasoning += self.pending_reasoning
         self.pending_content = self.pending_reasoning = ""
         await self._broadcast(frame)
 
     def interrupt(self) -> None:
-        self.shutting_down = self.stopping = True
+        self._cancel(Message.Status.INTERRUPTED)
+
+    def _cancel(self, outcome: Message.Status) -> None:
+        """End the stream now, the reply to be saved as outcome. The first
+        cancel wins, but for a shutdown, which outranks a stop: the process
+        is going away, so the reply is interrupted and no tab is told of an
+        error it cannot act on."""
+        if self.outcome is not None and outcome != Message.Status.INTERRUPTED:
+            return
+        self.outcome = outcome
         if self.stream is not None:
             self.stream.cancel()
 
     async def _listen(self, control: str) -> None:
         while True:
             event = await self.layer.receive(control)
-            if event["type"] == "reply.stop" and not self.stopping:
-                self.stopping = True
-                if self.stream is not None:
-                    self.stream.cancel()
+            if event["type"] == "reply.stop":
+                self._cancel(Message.Status.STOPPED)
             elif event["type"] == "reply.snapshot" and event.get("message") == self.message_id:
                 await self.layer.send(
                     event["reply_to"], {"type": "reply.snapshot", "frame": self.frame()}
@@ -295,12 +318,10 @@ class Reply:
         values.update(extra, updated=timezone.now())
         saved = await Message.objects.filter(pk=self.message_id).aupdate(**values)
         self.last_save = time.monotonic()
-        if not saved and not self.stopping:
+        if not saved and self.outcome is None:
             # The conversation was deleted: nobody is left to read the reply.
             logger.info("reply %s: its row is gone; stopping", self.message_id)
-            self.stopping = True
-            if self.stream is not None:
-                self.stream.cancel()
+            self._cancel(Message.Status.STOPPED)
 
     async def _finish(self, status: str, error: llm.LLMError | None) -> None:
         now = time.monotonic()
@@ -323,29 +344,12 @@ class Reply:
             except Exception:
                 logger.exception("saving reply %s failed (attempt %d)", self.message_id, attempt)
                 await asyncio.sleep(0.5 * (attempt + 1))
-        frame: dict[str, Any] = {
-            "type": "end",
-            "conversation": self.conversation_id,
-            "message": self.message_id,
-            "status": status,
-            "seq": self.seq,
-            "usage": message.usage(),
-            "timing": message.timing(),
-        }
-        if error is not None:
-            frame["error"] = {"code": error.code, "message": error.message}
-        await self._broadcast(frame)
-        if error is not None and self.origin and not self.shutting_down:
-            answer = {
-                "type": "error",
-                "code": error.code,
-                "message": error.message,
-                "conversation": self.conversation_id,
-            }
-            if self.request_id is not None:
-                answer["id"] = self.request_id
+        await self._broadcast(protocol.end_frame(message))
+        if error is not None and self.origin and self.outcome != Message.Status.INTERRUPTED:
+            answer = protocol.error_frame(
+                error.code, error.message, self.request_id, self.conversation_id
+            )
             await self.layer.send(self.origin, {"type": "chat.event", "frame": answer})
 
-    async def _broadcast(self, frame: dict[str, Any]) -> None:
-        event = {"type": "chat.event", "conversation": self.conversation_id, "frame": frame}
-        await self.layer.group_send(self.group, event)
+    async def _broadcast(self, frame: Any) -> None:
+        await broadcast(self.conversation_id, frame)
