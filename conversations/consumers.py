@@ -1,147 +1,89 @@
-"""The WebSocket protocol v1 (docs/protocol.md): validate a frame, check
-permission, hand off to the models and to replies.py."""
+"""The WebSocket protocol v1 (docs/protocol.md) over one socket: validate a
+frame (protocol.py), check permission, hand off to the models and to
+replies.py. What the socket holds of each live reply is in tracking.py."""
 
 import asyncio
 import json
 import logging
 import time
-import uuid
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from django.conf import settings
-from django.core.cache import cache
-from django.db import transaction
 
-from . import llm, replies
+from . import llm, protocol, replies
 from .models import ApiToken, Busy, Conversation, Message, NothingToAnswer
+from .protocol import ErrorCode, FrameError
+from .ratelimit import allow_send
+from .tracking import HeldReplies, Verdict
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL = 1
-CLOSE_TOKEN_REVOKED = 4001
 RENEW_EVERY = 3600  # seconds
-MAX_FRAME = 256 * 1024
-MAX_ID = 64
-OPTION_RANGES: dict[str, tuple[type, float, float]] = {
-    "temperature": (float, 0.0, 2.0),
-    "top_p": (float, 0.0, 1.0),
-    "max_tokens": (int, 1, 1_000_000),
-    "seed": (int, -(2**63), 2**63 - 1),
-}
-
-
-class FrameError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def bad_request(message: str) -> FrameError:
-    return FrameError("bad_request", message)
-
-
-NOT_FOUND = "No such conversation."
-BUSY = "A reply is still being written in this conversation."
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = None
+        self.token: ApiToken | None = None
+        self.subscriptions: set[str] = set()
+        self.held = HeldReplies()
+        self.watchdog: asyncio.Task | None = None
+
     async def connect(self) -> None:
         self.user = self.scope.get("user")
         if self.user is None or not self.user.is_authenticated:
             await self.close()
             return
-        self.subscriptions: set[str] = set()
-        # The seq of each live reply that this client holds, so it gets
-        # every delta after it once: none missed, none repeated.
-        self.held: dict[str, int] = {}
-        # When each held reply was last heard from (a delta or a heartbeat),
-        # and which conversation it is in.
-        self.heard: dict[str, float] = {}
-        self.held_in: dict[str, str] = {}
         self.token = self.scope.get("api_token")
         if self.token is not None:
             await self.channel_layer.group_add(self.token.group, self.channel_name)
         await self.accept()
         self.watchdog = asyncio.create_task(self.watch_replies())
-        await _interrupt_orphans_once()
+        await replies.sweep_orphans_once()
         try:
             models, state = await llm.list_models(), "ok"
         except llm.LLMError:
             models, state = [], "unavailable"
-        await self.send_json(
-            {
-                "type": "ready",
-                "user": self.user.get_username(),
-                "protocol": PROTOCOL,
-                "models": models,
-                "default_model": await llm.default_model(),
-                "llm": state,
-            }
-        )
+        user = self.user.get_username()
+        await self.send_json(protocol.ready_frame(user, models, await llm.default_model(), state))
 
     async def disconnect(self, code: int) -> None:
-        if hasattr(self, "watchdog"):
+        if self.watchdog is not None:
             self.watchdog.cancel()
-        if getattr(self, "token", None) is not None:
+        if self.token is not None:
             await self.channel_layer.group_discard(self.token.group, self.channel_name)
-        for conversation_id in getattr(self, "subscriptions", ()):
+        for conversation_id in self.subscriptions:
             await self.channel_layer.group_discard(
                 replies.conversation_group(conversation_id), self.channel_name
             )
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None):
-        if text_data is None:
-            await self.send_error("bad_request", "Frames must be JSON text.")
-            return
-        if len(text_data) > MAX_FRAME:
-            await self.send_error("too_large", f"Frames are limited to {MAX_FRAME} characters.")
-            return
         try:
-            frame = json.loads(text_data)
-        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-            await self.send_error("bad_request", "That frame is not valid JSON.")
+            frame = protocol.decode(text_data)
+        except FrameError as exc:
+            await self.send_json(protocol.error_frame(exc.code, exc.message))
             return
         await self.receive_json(frame)
 
     async def receive_json(self, frame: Any, **kwargs) -> None:
-        request_id = frame.get("id") if isinstance(frame, dict) else None
-        if (
-            not isinstance(request_id, str)
-            or len(request_id) > MAX_ID
-            or not _encodable(request_id)
-        ):
-            request_id = None
+        request_id = protocol.request_id(frame)
         try:
-            if not isinstance(frame, dict):
-                raise bad_request("A frame must be a JSON object.")
-            if "id" in frame and request_id is None:
-                raise bad_request(f"id must be a string of at most {MAX_ID} characters.")
-            kind = frame.get("type")
-            handler = self.handlers.get(kind) if isinstance(kind, str) else None
-            if handler is None:
-                raise bad_request(f"Unknown frame type: {str(kind)[:40]!r}.")
-            _check_text(frame)
+            handler = self.handlers[protocol.frame_type(frame)]
             await handler(self, frame, request_id)
         except FrameError as exc:
-            await self.send_error(exc.code, exc.message, request_id)
+            await self.send_json(protocol.error_frame(exc.code, exc.message, request_id))
         except Exception:
             # A database or Redis failure must not close the socket and
             # every subscription on it: say so and stay usable.
             logger.exception("frame %r failed", frame.get("type"))
-            await self.send_error(
-                "server_error", "Something went wrong on the server; try again.", request_id
+            error = protocol.error_frame(
+                ErrorCode.SERVER_ERROR, protocol.SERVER_ERROR_TEXT, request_id
             )
+            await self.send_json(error)
 
-    async def send_error(self, code: str, message: str, request_id: str | None = None) -> None:
-        frame = {"type": "error", "code": code, "message": message}
-        if request_id is not None:
-            frame["id"] = request_id
-        await self.send_json(frame)
-
-    async def send_frame(self, frame: dict[str, Any], request_id: str | None) -> None:
+    async def send_frame(self, frame: Any, request_id: str | None) -> None:
         if request_id is not None:
             frame = {**frame, "id": request_id}
         await self.send_json(frame)
@@ -149,45 +91,27 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     # Client frames.
 
     async def on_send(self, frame: dict, request_id: str | None) -> None:
-        content = frame.get("content")
-        if not isinstance(content, str):
-            raise bad_request("content must be a string.")
-        if len(content) > settings.CHAT_MAX_CONTENT:
-            raise FrameError(
-                "too_large", f"A message is limited to {settings.CHAT_MAX_CONTENT} characters."
-            )
-        if not content.strip():
-            raise bad_request("content must not be empty.")
-        model = _optional_str(frame, "model", 200)
-        system = _optional_str(frame, "system", settings.CHAT_MAX_CONTENT)
-        options = _options(frame.get("options"))
-        conversation_id = frame.get("conversation")
-        if conversation_id is not None:
-            conversation_id = _conversation_id(frame)
+        request = protocol.send_request(frame)
         await self.check_rate()
         default_model = await llm.default_model()
         try:
-            conversation, created, changed, user_message, reply = await _begin_send(
-                self.user, conversation_id, content, model, system, options, default_model
+            turn = await database_sync_to_async(Conversation.objects.begin_send)(
+                self.user, request, default_model
             )
         except Conversation.DoesNotExist:
-            raise FrameError("not_found", NOT_FOUND) from None
+            raise FrameError(ErrorCode.NOT_FOUND, protocol.NOT_FOUND_TEXT) from None
         except Busy:
-            raise FrameError("busy", BUSY) from None
+            raise FrameError(ErrorCode.BUSY, protocol.BUSY_TEXT) from None
+        conversation = turn.conversation
         await self.subscribe(conversation)
-        if created:
-            await self.send_frame(conversation_frame(conversation), request_id)
-        elif changed:
-            await self.broadcast(conversation.pk, conversation_frame(conversation))
-        message_frame = {
-            "type": "message",
-            "conversation": str(conversation.pk),
-            "message": user_message.as_frame(),
-        }
-        await self.send_frame(message_frame, request_id)
-        await self.broadcast(conversation.pk, message_frame, skip_self=True)
-        self.hold(str(reply.pk), 0, str(conversation.pk))
-        replies.start(conversation, reply, self.channel_name, request_id)
+        if turn.created:
+            await self.send_frame(protocol.conversation_frame(conversation), request_id)
+        elif turn.changed:
+            await replies.broadcast(conversation.pk, protocol.conversation_frame(conversation))
+        message = protocol.message_frame(conversation.pk, turn.user_message.as_frame())
+        await self.send_frame(message, request_id)
+        await replies.broadcast(conversation.pk, message, skip=self.channel_name)
+        self.start_reply(conversation, turn.reply, request_id)
 
     async def on_stop(self, frame: dict, request_id: str | None) -> None:
         conversation = await self.own_conversation(frame)
@@ -204,52 +128,36 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 None, model, conversation.options
             )
         except Busy:
-            raise FrameError("busy", BUSY) from None
+            raise FrameError(ErrorCode.BUSY, protocol.BUSY_TEXT) from None
         except NothingToAnswer:
-            raise bad_request("There is no message to answer in this conversation.") from None
+            raise protocol.bad_request(protocol.NOTHING_TO_ANSWER_TEXT) from None
         await self.subscribe(conversation)
         if superseded is not None:
-            await self.broadcast(
-                conversation.pk,
-                {
-                    "type": "message",
-                    "conversation": str(conversation.pk),
-                    "message": superseded.as_frame(),
-                },
-            )
-        self.hold(str(reply.pk), 0, str(conversation.pk))
-        replies.start(conversation, reply, self.channel_name, request_id)
+            frame = protocol.message_frame(conversation.pk, superseded.as_frame())
+            await replies.broadcast(conversation.pk, frame)
+        self.start_reply(conversation, reply, request_id)
 
     async def on_subscribe(self, frame: dict, request_id: str | None) -> None:
         conversation = await self.own_conversation(frame)
         # Join the group first: every delta after the snapshots below
-        # reaches us, and held[] drops the ones the snapshots already hold.
+        # reaches us, and self.held drops the ones the snapshots already hold.
         await self.subscribe(conversation)
-        await self.send_frame(conversation_frame(conversation), request_id)
+        await self.send_frame(protocol.conversation_frame(conversation), request_id)
         messages = await database_sync_to_async(list)(conversation.visible_messages())
         for message in messages:
-            await self.send_frame(
-                {
-                    "type": "message",
-                    "conversation": str(conversation.pk),
-                    "message": await self.current_frame(message),
-                },
-                request_id,
-            )
+            await self.send_frame(await self.current_frame(message), request_id)
 
     async def on_unsubscribe(self, frame: dict, request_id: str | None) -> None:
-        conversation_id = _conversation_id(frame)
+        conversation_id = protocol.conversation_id(frame)
         if conversation_id in self.subscriptions:
             self.subscriptions.discard(conversation_id)
-            for message_id, held_in in list(self.held_in.items()):
-                if held_in == conversation_id:
-                    self.release(message_id)
+            self.held.release_conversation(conversation_id)
             await self.channel_layer.group_discard(
                 replies.conversation_group(conversation_id), self.channel_name
             )
 
     async def on_ping(self, frame: dict, request_id: str | None) -> None:
-        await self.send_frame({"type": "pong"}, request_id)
+        await self.send_frame(protocol.pong_frame(), request_id)
 
     handlers = {
         "send": on_send,
@@ -263,30 +171,25 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     # Helpers.
 
     async def own_conversation(self, frame: dict) -> Conversation:
-        conversation_id = _conversation_id(frame)
+        conversation_id = protocol.conversation_id(frame)
         try:
             return await Conversation.objects.for_user(self.user).aget(pk=conversation_id)
         except Conversation.DoesNotExist:
-            raise FrameError("not_found", NOT_FOUND) from None
+            raise FrameError(ErrorCode.NOT_FOUND, protocol.NOT_FOUND_TEXT) from None
 
     async def check_rate(self) -> None:
-        if not await _allow_send(self.user.pk):
-            raise FrameError("rate_limited", "Too many messages; wait a minute and try again.")
+        if not await allow_send(self.user.pk):
+            raise FrameError(ErrorCode.RATE_LIMITED, protocol.RATE_LIMITED_TEXT)
 
-    def hold(self, message_id: str, seq: int, conversation_id: str) -> None:
-        self.held[message_id] = seq
-        self.heard[message_id] = time.monotonic()
-        self.held_in[message_id] = conversation_id
-
-    def release(self, message_id: str) -> None:
-        self.held.pop(message_id, None)
-        self.heard.pop(message_id, None)
-        self.held_in.pop(message_id, None)
+    def start_reply(self, conversation: Conversation, reply: Message, request_id: str | None):
+        self.held.hold(str(reply.pk), 0, str(conversation.pk))
+        replies.start(conversation, reply, self.channel_name, request_id)
 
     async def watch_replies(self) -> None:
-        """A reply whose process died never sends its end. After three
-        heartbeats of silence, look it up: current_frame() ends it for every
-        tab if its writer is gone, and resends it if we only missed events."""
+        """A reply whose process died never sends its end. When one has been
+        silent past the dead-writer limit, look it up: replies.current() ends
+        it for every tab if its writer is gone, and we resend it if we only
+        missed events."""
         beat = Message.HEARTBEAT.total_seconds()
         renewed = time.monotonic()
         while True:
@@ -295,20 +198,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             if now - renewed > RENEW_EVERY:
                 renewed = now
                 await self.renew()
-            for message_id in [m for m, t in self.heard.items() if now - t > 3 * beat]:
-                self.heard[message_id] = now
+            for message_id in self.held.silent(Message.stale_after().total_seconds()):
                 message = await Message.objects.filter(pk=message_id).afirst()
                 if message is None:
-                    self.release(message_id)
+                    self.held.release(message_id)
                     continue
-                frame = await self.current_frame(message)
-                await self.send_json(
-                    {
-                        "type": "message",
-                        "conversation": str(message.conversation_id),
-                        "message": frame,
-                    }
-                )
+                await self.send_json(await self.current_frame(message))
 
     async def renew(self) -> None:
         """Group memberships expire after a day in the channel layer, and a
@@ -321,7 +216,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 .filter(pk=self.token.pk, user__is_active=True)
                 .aexists()
             ):
-                await self.close(code=CLOSE_TOKEN_REVOKED)
+                await self.close(code=protocol.CLOSE_TOKEN_REVOKED)
                 return
             groups.append(self.token.group)
         for group in groups:
@@ -336,37 +231,21 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             replies.conversation_group(conversation_id), self.channel_name
         )
 
-    async def broadcast(self, conversation_id: Any, frame: dict, skip_self: bool = False) -> None:
-        event = {"type": "chat.event", "conversation": str(conversation_id), "frame": frame}
-        if skip_self:
-            event["skip"] = self.channel_name
-        await self.channel_layer.group_send(replies.conversation_group(conversation_id), event)
-
-    async def current_frame(self, message: Message) -> dict[str, Any]:
-        """A message as it is now: for a reply in progress, the snapshot of
-        the process writing it, which is newer than the database."""
-        frame = None
-        if message.is_live:
-            frame = await replies.snapshot(message.conversation_id, message.pk)
-            if frame is None:
-                message = await Message.objects.aget(pk=message.pk)
-                if message.is_stale():
-                    # Its writer died: tell every tab still waiting for it.
-                    await database_sync_to_async(message.mark_interrupted)()
-                    await self.broadcast(message.conversation_id, end_frame(message))
-        if frame is None:
-            frame = message.as_frame()
-        if frame["status"] in Message.LIVE_STATUSES:
-            self.hold(str(message.pk), frame["seq"], str(message.conversation_id))
+    async def current_frame(self, message: Message) -> protocol.MessageFrame:
+        """The message frame of a message as it is now; the socket holds
+        what that frame holds."""
+        snapshot = await replies.current(message)
+        message_id, conversation_id = str(message.pk), str(message.conversation_id)
+        if snapshot["status"] in Message.LIVE_STATUSES:
+            self.held.hold(message_id, snapshot["seq"], conversation_id)
         else:
-            self.release(str(message.pk))
-        return frame
+            self.held.release(message_id)
+        return protocol.message_frame(conversation_id, snapshot)
 
     # Channel-layer events.
 
     async def chat_alive(self, event: dict) -> None:
-        if event["message"] in self.heard:
-            self.heard[event["message"]] = time.monotonic()
+        self.held.heard(event["message"])
 
     async def chat_event(self, event: dict) -> None:
         frame = event["frame"]
@@ -376,149 +255,25 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if conversation_id is not None and conversation_id not in self.subscriptions:
             return  # arrived after an unsubscribe
         if frame["type"] == "start":
-            # A snapshot taken after the start may already hold a later seq.
-            self.hold(frame["message"], self.held.get(frame["message"], 0), conversation_id)
+            self.held.started(frame["message"], conversation_id)
         elif frame["type"] == "delta":
-            message_id, seq = frame["message"], frame["seq"]
-            held = self.held.get(message_id, seq - 1)
-            if seq <= held:
+            verdict = self.held.accept(frame["message"], frame["seq"], conversation_id)
+            if verdict == Verdict.SKIP:
                 return
-            if seq > held + 1:
+            if verdict == Verdict.GAP:
                 # A delta went missing (a full channel, say): resend the
                 # whole reply as a snapshot rather than show a gap.
-                logger.warning("gap in reply %s: held %d, got %d", message_id, held, seq)
-                message = await Message.objects.aget(pk=message_id)
-                snapshot = await self.current_frame(message)
-                await self.send_json(
-                    {"type": "message", "conversation": conversation_id, "message": snapshot}
-                )
+                logger.warning("gap in reply %s at seq %d", frame["message"], frame["seq"])
+                message = await Message.objects.aget(pk=frame["message"])
+                await self.send_json(await self.current_frame(message))
                 return
-            self.hold(message_id, seq, conversation_id)
         elif frame["type"] == "end":
-            self.release(frame["message"])
+            self.held.release(frame["message"])
         await self.send_json(frame)
 
     async def token_revoked(self, event: dict) -> None:
-        await self.close(code=CLOSE_TOKEN_REVOKED)
+        await self.close(code=protocol.CLOSE_TOKEN_REVOKED)
 
     @classmethod
     async def encode_json(cls, content: dict) -> str:
         return json.dumps(content, ensure_ascii=False)
-
-
-def end_frame(message: Message) -> dict[str, Any]:
-    frame = message.as_frame()
-    return {
-        "type": "end",
-        "conversation": str(message.conversation_id),
-        "message": frame["id"],
-        "status": frame["status"],
-        "seq": frame["seq"],
-        "usage": frame["usage"],
-        "timing": frame["timing"],
-        "error": frame["error"],
-    }
-
-
-def conversation_frame(conversation: Conversation) -> dict[str, Any]:
-    return {"type": "conversation", "conversation": conversation.as_frame()}
-
-
-def _conversation_id(frame: dict) -> str:
-    value = frame.get("conversation")
-    if not isinstance(value, str):
-        raise bad_request("conversation must be a conversation id.")
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise FrameError("not_found", NOT_FOUND) from None
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: no database can store it
-        return False
-    return True
-
-
-def _check_text(frame: dict) -> None:
-    for name in ("content", "system", "model"):
-        value = frame.get(name)
-        if isinstance(value, str) and not _encodable(value):
-            raise bad_request(f"{name} is not valid Unicode text.")
-
-
-def _optional_str(frame: dict, name: str, limit: int) -> str | None:
-    value = frame.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise bad_request(f"{name} must be a string.")
-    if len(value) > limit:
-        raise FrameError("too_large", f"{name} is limited to {limit} characters.")
-    return value
-
-
-def _options(value: Any) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise bad_request("options must be an object.")
-    options = {}
-    for name, (kind, low, high) in OPTION_RANGES.items():
-        option = value.get(name)
-        if option is None:
-            continue
-        if isinstance(option, bool) or not isinstance(option, (int, float)):
-            raise bad_request(f"options.{name} must be a number.")
-        if not low <= option <= high:
-            raise bad_request(f"options.{name} must be between {low} and {high}.")
-        if kind is int and not float(option).is_integer():
-            raise bad_request(f"options.{name} must be a whole number.")
-        options[name] = kind(option)
-    return options
-
-
-async def _allow_send(user_id: int) -> bool:
-    key = f"chat-sends:{user_id}"
-    # One counter per user per minute, shared by every process when the
-    # cache is Redis.
-    if await cache.aadd(key, 1, timeout=60):
-        return True
-    try:
-        return await cache.aincr(key) <= settings.CHAT_RATE_LIMIT
-    except ValueError:  # expired between add and incr
-        await cache.aset(key, 1, timeout=60)
-        return True
-
-
-@database_sync_to_async
-@transaction.atomic
-def _begin_send(user, conversation_id, content, model, system, options, default_model):
-    """The conversation, whether it is new or its settings changed, the
-    saved user message and the reply row, in one trip to the database."""
-    conversation, created, changed = Conversation.objects.for_send(
-        user,
-        conversation_id,
-        model=model,
-        system=system,
-        options=options,
-        default_model=default_model,
-    )
-    user_message, reply, _ = conversation.start_turn(
-        content, conversation.model, conversation.options
-    )
-    return conversation, created, changed, user_message, reply
-
-
-_swept = False
-
-
-async def _interrupt_orphans_once() -> None:
-    """Replies left streaming by a process that died: the first socket of a
-    process clears them up, whatever server runs us."""
-    global _swept
-    if not _swept:
-        _swept = True
-        await database_sync_to_async(Message.objects.interrupt_orphans)()

@@ -642,3 +642,26 @@ async def test_a_stop_that_comes_before_the_reply_starts_listening_still_stops_i
     await reply.arefresh_from_db()
     assert reply.status == "stopped"
     assert len(reply.content) < len(expected_text("fake-slow"))
+
+
+async def test_wait_all_returns_once_every_running_reply_has_ended(alice, fake_llm):
+    conversation = await Conversation.objects.acreate(owner=alice, model="fake")
+    _, reply, _ = await sync_to_async(conversation.start_turn)("hi", "fake", {})
+    replies.start(conversation, reply)
+    await replies.wait_all()
+    await reply.arefresh_from_db()
+    assert (reply.status, reply.content) == ("complete", expected_text("fake"))
+
+
+async def test_an_internal_failure_is_logged_not_shown(alice, fake_llm, monkeypatch, caplog):
+    def broken(self):
+        raise RuntimeError("secret internals at /srv/chatsite")
+
+    monkeypatch.setattr(replies.ReplyWriter, "_history", broken)
+    async with chat_socket(alice) as ws:
+        await send(ws, "hi", model="fake")
+        frames = await receive_until(ws, "error")
+    end = next(f for f in frames if f["type"] == "end")
+    assert (end["status"], end["error"]["code"]) == ("error", "upstream_error")
+    assert all("secret" not in json.dumps(f) for f in frames)
+    assert "secret internals" in caplog.text
