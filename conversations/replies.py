@@ -147,7 +147,7 @@ class ReplyWriter:
         self.started = time.monotonic()
         self.first_token: float | None = None
         self.last_save = self.started
-        # How the reply ends if its stream is cancelled: set once, by _cancel().
+        # How the reply ends if its stream is cancelled; set by _cancel() only.
         self.outcome: Message.Status | None = None
         self.finishing = False
         self.wake = asyncio.Event()
