@@ -169,18 +169,25 @@ def signup(request: HttpRequest) -> HttpResponse:
     return render(request, "registration/signup.html", {"form": form})
 
 
+# A new token waits here for the page the post redirects to, which shows it
+# once: so reloading that page shows the list and creates nothing.
+NEW_TOKEN_SESSION_KEY = "new_token"
+
+
 @login_required
 def tokens(request: HttpRequest) -> HttpResponse:
-    new_token = None
     form = TokenForm(request.POST if request.method == "POST" else None)
     if form.is_valid():
-        _, new_token = ApiToken.issue(request.user, form.cleaned_data["name"])
+        _, request.session[NEW_TOKEN_SESSION_KEY] = ApiToken.issue(
+            request.user, form.cleaned_data["name"]
+        )
+        return redirect("conversations:tokens")
     return render(
         request,
         "conversations/tokens.html",
         {
             "tokens": ApiToken.objects.for_user(request.user).active(),
-            "new_token": new_token,
+            "new_token": request.session.pop(NEW_TOKEN_SESSION_KEY, None),
             "form": form,
         },
         status=400 if form.errors else 200,

@@ -38,7 +38,7 @@ def logged_in(user) -> Client:
 
 def test_a_new_token_is_shown_once_and_only_its_hash_is_kept(alice):
     client = logged_in(alice)
-    response = client.post(reverse("conversations:tokens"), {"name": "laptop"})
+    response = client.post(reverse("conversations:tokens"), {"name": "laptop"}, follow=True)
     plain = response.context["new_token"]
     assert plain.startswith("cs_") and plain in response.content.decode()
     token = ApiToken.objects.get()
@@ -46,6 +46,19 @@ def test_a_new_token_is_shown_once_and_only_its_hash_is_kept(alice):
     assert token.key_hash == ApiToken.hash(plain) and plain not in token.key_hash
     page = client.get(reverse("conversations:tokens")).content.decode()
     assert "laptop" in page and plain not in page and token.prefix in page
+
+
+def test_reloading_the_page_after_creating_a_token_makes_no_other_token(alice):
+    client = logged_in(alice)
+    url = reverse("conversations:tokens")
+    created = client.post(url, {"name": "laptop"})
+    assert created.status_code == 302 and created["Location"] == url
+    shown = client.get(url)
+    plain = shown.context["new_token"]
+    assert plain.startswith("cs_") and plain in shown.content.decode()
+    reloaded = client.get(url)
+    assert reloaded.context["new_token"] is None and plain not in reloaded.content.decode()
+    assert ApiToken.objects.count() == 1
 
 
 @pytest.mark.parametrize(
