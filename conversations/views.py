@@ -1,23 +1,81 @@
+import uuid
+from collections.abc import Callable
+from functools import wraps
+
 from asgiref.sync import async_to_sync
+from django import forms
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.core.exceptions import BadRequest
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from . import replies
+from .forms import MODEL_LENGTH, RenameForm, SettingsForm, TokenForm
 from .models import TITLE_LENGTH, ApiToken, Conversation
+
+# The page's JS puts a conversation's id in place of this one.
+PLACEHOLDER_ID = uuid.UUID(int=0)
 
 
 def _wants_json(request: HttpRequest) -> bool:
     return "application/json" in request.headers.get("Accept", "")
 
 
+class Refused(BadRequest):
+    """Input a view will not take. Django renders it as its 400 page; a
+    request asking for JSON gets the protocol's error code instead."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_form(cls, form: forms.Form) -> "Refused":
+        too_large = any(form.has_error(name, "max_length") for name in form.errors)
+        message = next(iter(form.errors.values()))[0]
+        return cls("too_large" if too_large else "bad_request", message)
+
+
+def json_errors(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """Answers a 404 or a refusal as {"error", "message"} when the request
+    asks for JSON; otherwise Django renders its error page as usual."""
+
+    @wraps(view)
+    def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        try:
+            return view(request, *args, **kwargs)
+        except Http404:
+            if not _wants_json(request):
+                raise
+            return _json_error(404, "not_found", "No such conversation.")
+        except Refused as refusal:
+            if not _wants_json(request):
+                raise
+            return _json_error(400, refusal.code, refusal.message)
+
+    return wrapped
+
+
+def _json_error(status: int, code: str, message: str) -> JsonResponse:
+    return JsonResponse({"error": code, "message": message}, status=status)
+
+
 def _own(request: HttpRequest, pk) -> Conversation:
     # Someone else's conversation is a 404: a 403 would confirm it exists.
     return get_object_or_404(Conversation.objects.for_user(request.user), pk=pk)
+
+
+def _url_templates() -> dict[str, str]:
+    return {
+        name: reverse(f"conversations:{name}", args=[PLACEHOLDER_ID])
+        for name in ("conversation", "rename", "delete", "settings")
+    }
 
 
 def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpResponse:
@@ -31,6 +89,12 @@ def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpR
             "conversation": conversation,
             "default_model": settings.DEFAULT_MODEL,
             "ws_path": "/ws/chat/",
+            "limits": {
+                "max_content": settings.CHAT_MAX_CONTENT,
+                "max_title": TITLE_LENGTH,
+                "max_model": MODEL_LENGTH,
+            },
+            "url_templates": _url_templates(),
         },
     )
 
@@ -41,18 +105,19 @@ def chat(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-def conversation(request: HttpRequest, pk) -> HttpResponse:
+def conversation(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     return _chat_page(request, _own(request, pk))
 
 
 @login_required
 @require_POST
-def rename(request: HttpRequest, pk) -> HttpResponse:
+@json_errors
+def rename(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     conversation = _own(request, pk)
-    title = " ".join(request.POST.get("title", "").split())[:TITLE_LENGTH].rstrip()
-    if not title:
-        return JsonResponse({"error": "bad_request", "message": "A title is needed."}, status=400)
-    conversation.title = title
+    form = RenameForm(request.POST)
+    if not form.is_valid():
+        raise Refused.from_form(form)
+    conversation.title = form.cleaned_data["title"]
     conversation.save(update_fields=["title"])
     if _wants_json(request):
         return JsonResponse({"id": str(conversation.pk), "title": conversation.title})
@@ -61,7 +126,8 @@ def rename(request: HttpRequest, pk) -> HttpResponse:
 
 @login_required
 @require_POST
-def delete(request: HttpRequest, pk) -> HttpResponse:
+@json_errors
+def delete(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     conversation = _own(request, pk)
     deleted = str(conversation.pk)
     reply = conversation.reply_in_progress()
@@ -71,28 +137,22 @@ def delete(request: HttpRequest, pk) -> HttpResponse:
     conversation.delete()
     if _wants_json(request):
         return JsonResponse({"deleted": deleted})
-    return redirect("chat")
+    return redirect("conversations:chat")
 
 
 @login_required
 @require_POST
-def conversation_settings(request: HttpRequest, pk) -> HttpResponse:
+@json_errors
+def conversation_settings(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     conversation = _own(request, pk)
-    fields = []
-    model = request.POST.get("model")
-    if model is not None and model.strip():
-        conversation.model = model.strip()[:200]
-        fields.append("model")
-    system = request.POST.get("system")
-    if system is not None:
-        if len(system) > settings.CHAT_MAX_CONTENT:
-            return JsonResponse(
-                {"error": "too_large", "message": "The system prompt is too long."}, status=400
-            )
-        conversation.system_prompt = system
-        fields.append("system_prompt")
-    if fields:
-        conversation.save(update_fields=fields)
+    form = SettingsForm(request.POST)
+    if not form.is_valid():
+        raise Refused.from_form(form)
+    changes = form.changes()
+    for field, value in changes.items():
+        setattr(conversation, field, value)
+    if changes:
+        conversation.save(update_fields=list(changes))
     if _wants_json(request):
         return JsonResponse(conversation.as_frame())
     return redirect(conversation)
@@ -100,25 +160,37 @@ def conversation_settings(request: HttpRequest, pk) -> HttpResponse:
 
 def signup(request: HttpRequest) -> HttpResponse:
     if request.user.is_authenticated:
-        return redirect("chat")
+        return redirect("conversations:chat")
     form = UserCreationForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-        return redirect("chat")
+        return redirect("conversations:chat")
     return render(request, "registration/signup.html", {"form": form})
+
+
+# A new token waits here for the page the post redirects to, which shows it
+# once: so reloading that page shows the list and creates nothing.
+NEW_TOKEN_SESSION_KEY = "new_token"
 
 
 @login_required
 def tokens(request: HttpRequest) -> HttpResponse:
-    new_token = None
-    if request.method == "POST":
-        name = " ".join(request.POST.get("name", "").split())[:100] or "token"
-        _, new_token = ApiToken.issue(request.user, name)
+    form = TokenForm(request.POST if request.method == "POST" else None)
+    if form.is_valid():
+        _, request.session[NEW_TOKEN_SESSION_KEY] = ApiToken.issue(
+            request.user, form.cleaned_data["name"]
+        )
+        return redirect("conversations:tokens")
     return render(
         request,
         "conversations/tokens.html",
-        {"tokens": ApiToken.objects.for_user(request.user).active(), "new_token": new_token},
+        {
+            "tokens": ApiToken.objects.for_user(request.user).active(),
+            "new_token": request.session.pop(NEW_TOKEN_SESSION_KEY, None),
+            "form": form,
+        },
+        status=400 if form.errors else 200,
     )
 
 
@@ -127,4 +199,4 @@ def tokens(request: HttpRequest) -> HttpResponse:
 def token_revoke(request: HttpRequest, pk: int) -> HttpResponse:
     token = get_object_or_404(ApiToken.objects.for_user(request.user).active(), pk=pk)
     token.revoke()
-    return redirect("tokens")
+    return redirect("conversations:tokens")

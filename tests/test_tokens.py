@@ -38,14 +38,40 @@ def logged_in(user) -> Client:
 
 def test_a_new_token_is_shown_once_and_only_its_hash_is_kept(alice):
     client = logged_in(alice)
-    response = client.post(reverse("tokens"), {"name": "laptop"})
+    response = client.post(reverse("conversations:tokens"), {"name": "laptop"}, follow=True)
     plain = response.context["new_token"]
     assert plain.startswith("cs_") and plain in response.content.decode()
     token = ApiToken.objects.get()
     assert (token.user, token.name) == (alice, "laptop")
     assert token.key_hash == ApiToken.hash(plain) and plain not in token.key_hash
-    page = client.get(reverse("tokens")).content.decode()
+    page = client.get(reverse("conversations:tokens")).content.decode()
     assert "laptop" in page and plain not in page and token.prefix in page
+
+
+def test_reloading_the_page_after_creating_a_token_makes_no_other_token(alice):
+    client = logged_in(alice)
+    url = reverse("conversations:tokens")
+    created = client.post(url, {"name": "laptop"})
+    assert created.status_code == 302 and created["Location"] == url
+    shown = client.get(url)
+    plain = shown.context["new_token"]
+    assert plain.startswith("cs_") and plain in shown.content.decode()
+    reloaded = client.get(url)
+    assert reloaded.context["new_token"] is None and plain not in reloaded.content.decode()
+    assert ApiToken.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "kept"),
+    [
+        pytest.param("  my \n  laptop ", "my laptop", id="one-line"),
+        pytest.param("", "token", id="blank"),
+        pytest.param("n" * 300, "n" * ApiToken._meta.get_field("name").max_length, id="long"),
+    ],
+)
+def test_a_token_name_is_kept_as_one_line_within_the_field(alice, name, kept):
+    logged_in(alice).post(reverse("conversations:tokens"), {"name": name})
+    assert ApiToken.objects.get().name == kept
 
 
 def test_the_token_page_lists_only_my_live_tokens(alice, bob):
@@ -53,18 +79,18 @@ def test_the_token_page_lists_only_my_live_tokens(alice, bob):
     ApiToken.issue(bob, "bobs")
     old, _ = ApiToken.issue(alice, "old")
     old.revoke()
-    response = logged_in(alice).get(reverse("tokens"))
+    response = logged_in(alice).get(reverse("conversations:tokens"))
     assert list(response.context["tokens"]) == [mine]
 
 
 def test_the_token_page_needs_a_login(db):
-    response = Client().get(reverse("tokens"))
+    response = Client().get(reverse("conversations:tokens"))
     assert response.status_code == 302 and "/accounts/login/" in response["Location"]
 
 
 def test_other_users_cannot_revoke_my_token(alice, bob):
     token, _ = ApiToken.issue(alice, "mine")
-    response = logged_in(bob).post(reverse("token-revoke", args=[token.pk]))
+    response = logged_in(bob).post(reverse("conversations:token-revoke", args=[token.pk]))
     assert response.status_code == 404
     token.refresh_from_db()
     assert token.revoked is None
@@ -111,7 +137,9 @@ async def test_revoking_a_token_closes_its_open_sockets(alice):
     token, plain = await sync_to_async(ApiToken.issue)(alice, "script")
     ws = await ready_token_socket(plain)
     client = await sync_to_async(logged_in)(alice)
-    response = await sync_to_async(client.post)(reverse("token-revoke", args=[token.pk]))
+    response = await sync_to_async(client.post)(
+        reverse("conversations:token-revoke", args=[token.pk])
+    )
     assert response.status_code == 302
     closed = await ws.receive_output(timeout=5)
     assert closed == {"type": "websocket.close", "code": 4001}
