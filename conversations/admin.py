@@ -29,6 +29,8 @@ class ConversationAdmin(admin.ModelAdmin):
     readonly_fields = ["id", "owner", "created", "updated"]
     fields = ["id", "owner", "title", "model", "system_prompt", "options", "created", "updated"]
     inlines = [MessageInline]
+    # The site's conversation page is owner-only: the link would be a 404 for staff.
+    view_on_site = False
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(message_total=Count("messages"))

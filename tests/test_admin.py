@@ -1,6 +1,7 @@
 """Admins and reviewers read users' conversations in the Django admin."""
 
 import pytest
+from django.contrib.contenttypes.models import ContentType
 from django.urls import reverse
 
 from conversations.models import ApiToken, Conversation
@@ -51,3 +52,13 @@ def test_users_who_are_not_staff_cannot_open_the_admin(client, alice):
     client.force_login(alice)
     response = client.get(reverse("admin:conversations_conversation_changelist"))
     assert response.status_code == 302
+
+
+def test_a_conversation_in_the_admin_has_no_view_on_site_link(admin_client, chat):
+    # The site's conversation page is owner-only: the link would be a 404 for staff.
+    page = admin_client.get(reverse("admin:conversations_conversation_change", args=[chat.pk]))
+    assert page.status_code == 200
+    html = page.content.decode()
+    content_type = ContentType.objects.get_for_model(Conversation).pk
+    assert reverse("admin:view_on_site", args=[content_type, chat.pk]) not in html
+    assert "View on site" not in html
