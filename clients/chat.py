@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """A terminal client for chatsite's WebSocket protocol v1 (docs/protocol.md).
 
-    python clients/chat.py --url ws://HOST/ws/chat/ --token TOKEN "a prompt"
-    CHATSITE_URL=ws://HOST/ws/chat/ CHATSITE_TOKEN=... python clients/chat.py
+    .venv/bin/python clients/chat.py --url ws://HOST/ws/chat/ --token TOKEN "a prompt"
+    CHATSITE_URL=ws://HOST/ws/chat/ CHATSITE_TOKEN=... .venv/bin/python clients/chat.py
 
 With a prompt it prints the answer as it streams and exits 0; 1 if the reply
 fails, 2 if the server refuses the token. Without one it reads lines:
-/model [NAME], /new, /system [TEXT], /exit. Needs only `websockets`.
+/model [NAME], /new, /system [TEXT], /exit. Needs only `websockets`: the
+project's .venv (`make install`) has it; elsewhere, `pip install websockets`
+and run it with that Python.
 
 The socket lives in an asyncio loop on a background thread. The main thread
 keeps the blocking input() and is where Python delivers Ctrl-C, so a Ctrl-C

@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import select
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -110,6 +111,45 @@ def messages_of(site: Site, conversation_id: str) -> list[tuple[str, str, str]]:
 
     with psycopg.connect(url) as db:
         return db.execute(query, (conversation_id,)).fetchall()
+
+
+# Where the ways to run the client are written down. (README.md is to join
+# this list once its commands name the project's interpreter.)
+DOCUMENTED = (CLIENT,)
+
+
+def documented_commands() -> list[list[str]]:
+    """Every line in DOCUMENTED that runs the client, as words, without the
+    leading VAR=value assignments."""
+    commands = []
+    for path in DOCUMENTED:
+        for line in open(path, encoding="utf-8"):
+            if "clients/chat.py" not in line:
+                continue
+            words = shlex.split(line.strip().strip("`"), comments=True)
+            while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+                words.pop(0)
+            if "clients/chat.py" in words:
+                commands.append(words)
+    return commands
+
+
+def test_the_documented_commands_run_the_client():
+    commands = documented_commands()
+    assert commands
+    for words in commands:
+        # The interpreter as named, from the project's own directory.
+        interpreter, script = words[0], words[1]
+        assert script == "clients/chat.py", words
+        result = subprocess.run(
+            [interpreter, script, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            cwd=ROOT,
+        )
+        assert result.returncode == 0, (words, result.stderr)
+        assert "--token" in result.stdout
 
 
 def test_a_prompt_prints_the_answer_and_exits_0(site):
