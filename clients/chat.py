@@ -6,9 +6,9 @@
 
 With a prompt it prints the answer as it streams and exits 0; 1 if the reply
 fails, 2 if the server refuses the token. Without one it reads lines:
-/model [NAME], /new, /system [TEXT], /exit. Needs only `websockets`: the
-project's .venv (`make install`) has it; elsewhere, `pip install websockets`
-and run it with that Python.
+prompts, and the COMMANDS below (/help lists them). Needs only `websockets`:
+the project's .venv (`make install`) has it; elsewhere, `pip install
+websockets` and run it with that Python.
 
 The socket lives in an asyncio loop on a background thread. The main thread
 keeps the blocking input() and is where Python delivers Ctrl-C, so a Ctrl-C
@@ -44,6 +44,14 @@ MAX_BACKOFF = 5.0  # seconds
 # no frame we subscribe again, which lets the server notice and say so.
 QUIET = 10.0  # seconds
 CLOSE_TOKEN_REVOKED = 4001
+COMMANDS = {
+    "/model [NAME]": "list the server's models, or answer with NAME from now on",
+    "/new": "start a new conversation",
+    "/system [TEXT]": "set the system prompt; without TEXT, clear it",
+    "/help": "list these commands",
+    "/exit": "leave (so does Ctrl-D)",
+}
+HINT = "[type a message and press Enter to send it; /help lists the commands]"
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
@@ -471,6 +479,8 @@ def repl(runner: LoopThread, session: Session) -> int:
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
     session.interrupt_main = True
+    if interactive:
+        note(HINT)
     try:
         while session.fatal is None:
             try:
@@ -506,14 +516,21 @@ def run_line(runner: LoopThread, session: Session, line: str) -> None:
     elif command == "/system":
         session.system = rest  # empty clears it
         note("[system prompt set]" if rest else "[system prompt cleared]")
+    elif command == "/help":
+        width = max(map(len, COMMANDS))
+        for usage, meaning in COMMANDS.items():
+            print(f"{usage:<{width}}  {meaning}", flush=True)
     elif command.startswith("/"):
-        note("commands: /model [NAME], /new, /system [TEXT], /exit")
+        note(f"[unknown command {command}; /help lists the commands]")
     else:
         report(ask(runner, session, line))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Chat with a chatsite server.")
+    parser = argparse.ArgumentParser(
+        description="Chat with a chatsite server.",
+        epilog="Without a prompt, a REPL: " + ", ".join(COMMANDS),
+    )
     parser.add_argument("prompt", nargs="?", help="ask this and exit (else a REPL)")
     parser.add_argument(
         "--url",

@@ -215,10 +215,12 @@ def test_repl_lists_models_and_ends_at_eof(site):
     ]
 
 
-def test_on_a_terminal_it_prompts_and_dims_the_reasoning(site):
+def on_a_terminal(site: Site, keys: bytes, *args: str) -> tuple[int, str, str]:
+    """Run the client with a pseudo-terminal as stdin and stdout, typing
+    keys; return its exit status, the screen's bytes as text, and stderr."""
     controller, terminal = pty.openpty()
     client = subprocess.Popen(
-        [sys.executable, CLIENT],
+        [sys.executable, CLIENT, *args],
         stdin=terminal,
         stdout=terminal,
         stderr=subprocess.PIPE,
@@ -228,7 +230,7 @@ def test_on_a_terminal_it_prompts_and_dims_the_reasoning(site):
     os.close(terminal)
     screen = b""
     try:
-        os.write(controller, b"/model fake-think\nThink\n/exit\n")
+        os.write(controller, keys)
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
             if select.select([controller], [], [], 0.1)[0]:
@@ -246,12 +248,32 @@ def test_on_a_terminal_it_prompts_and_dims_the_reasoning(site):
         os.close(controller)
         errors = client.stderr.read().decode()
         client.stderr.close()
-    text = screen.decode()
-    assert client.returncode == 0, errors
+    return client.returncode, screen.decode(), errors
+
+
+def test_on_a_terminal_it_prompts_and_dims_the_reasoning(site):
+    code, text, errors = on_a_terminal(site, b"/model fake-think\nThink\n/exit\n")
+    assert code == 0, errors
     assert "> " in text and "\x1b[2mr1" in text
     answer = expected_text("fake-think")
     assert f"\x1b[0m\r\n{answer}\r\n" in text  # the answer starts on a line of its own
     assert "r1" not in errors
+
+
+def test_on_a_terminal_the_repl_opens_with_a_hint_and_help_lists_the_commands(site):
+    code, text, errors = on_a_terminal(site, b"/help\n/exit\n")
+    assert code == 0, errors
+    assert errors.splitlines()[0].startswith("[") and "/help" in errors.splitlines()[0]
+    for command in ("/model [NAME]", "/new", "/system [TEXT]", "/help", "/exit"):
+        assert f"\r\n{command} " in text, command
+
+
+def test_piped_the_repl_gives_no_hint_and_unknown_commands_point_to_help(site):
+    result = run_client(site, stdin="/what\n/help\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "[unknown command /what; /help lists the commands]\n"
+    listed = [line.split("  ")[0] for line in result.stdout.splitlines()]
+    assert listed == ["/model [NAME]", "/new", "/system [TEXT]", "/help", "/exit"]
 
 
 def test_no_reasoning_hides_the_reasoning(site):
