@@ -46,7 +46,7 @@ QUIET = 10.0  # seconds
 CLOSE_TOKEN_REVOKED = 4001
 COMMANDS = {
     "/model [NAME]": "list the server's models, or answer with NAME from now on",
-    "/new": "start a new conversation",
+    "/new": "start a new conversation, with no system prompt",
     "/system [TEXT]": "set the system prompt; without TEXT, clear it",
     "/help": "list these commands",
     "/exit": "leave (so does Ctrl-D)",
@@ -344,7 +344,9 @@ class Session:
     async def new_conversation(self) -> None:
         if self.conversation is not None:
             await self._send({"type": "unsubscribe", "conversation": self.conversation})
-        self.conversation = None
+        # A prompt written for one conversation is not silently carried into
+        # the next: /system sets one for it.
+        self.conversation = self.system = None
 
     # Frames from the server.
 
@@ -502,8 +504,9 @@ def run_line(runner: LoopThread, session: Session, line: str) -> None:
     command, _, rest = line.partition(" ")
     rest = rest.strip()
     if command == "/new":
+        had_system = bool(session.system)
         runner.run(session.new_conversation())
-        note("[new conversation]")
+        note("[new conversation, system prompt cleared]" if had_system else "[new conversation]")
     elif command == "/model" and rest:
         session.model = rest
         note(f"[model {rest}]")

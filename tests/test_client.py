@@ -202,6 +202,25 @@ def test_repl_two_prompts_then_new_and_model(site, fake_llm_server):
     assert last["messages"] == [{"role": "user", "content": "Third"}]
 
 
+def test_repl_new_starts_without_the_last_system_prompt_unless_one_is_set(site, fake_llm_server):
+    lines = ["/system Be a pirate.", "One", "/new", "Two", "/system Be brief.", "Three"]
+    result = run_client(site, stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert "[new conversation, system prompt cleared]" in result.stderr
+    one, two, three = (request["messages"] for request in fake_llm_server.requests[-3:])
+    assert one == [
+        {"role": "system", "content": "Be a pirate."},
+        {"role": "user", "content": "One"},
+    ]
+    assert two == [{"role": "user", "content": "Two"}]
+    assert three == [
+        {"role": "system", "content": "Be brief."},
+        *two,
+        {"role": "assistant", "content": expected_text("fake")},
+        {"role": "user", "content": "Three"},
+    ]
+
+
 def test_repl_lists_models_and_ends_at_eof(site):
     result = run_client(site, stdin="/model\n")
     assert result.returncode == 0, result.stderr
