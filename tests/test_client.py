@@ -54,15 +54,17 @@ def client_env(site: Site, url: str | None = None, token: str | None = None) -> 
 
 
 def run_client(site: Site, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    result = subprocess.run(
         [sys.executable, CLIENT, *args],
-        input=stdin,
+        input=None if stdin is None else stdin.encode(),
         capture_output=True,
-        text=True,
         timeout=TIMEOUT,
         env=client_env(site),
         cwd=ROOT,
     )
+    # Decoded here: text mode would turn a stray "\r" into "\n" and hide it.
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
 
 
 async def start_client(site: Site, *args: str, url: str | None = None, token: str | None = None):
@@ -293,6 +295,64 @@ def test_piped_the_repl_gives_no_hint_and_unknown_commands_point_to_help(site):
     assert result.stderr == "[unknown command /what; /help lists the commands]\n"
     listed = [line.split("  ")[0] for line in result.stdout.splitlines()]
     assert listed == ["/model [NAME]", "/new", "/system [TEXT]", "/help", "/exit"]
+
+
+# What a model may write, and what of it may reach the user: the control
+# characters go, and the rest of each sequence shows as plain text. The fake
+# model echoes the prompt in 5-character chunks, so sequences are split.
+HOSTILE_ANSWER = [
+    ("A", "A"),
+    ("\x1b]52;c;aGk=\x07", "]52;c;aGk="),  # OSC 52: write the clipboard
+    ("\x1b]0;owned\x1b\\", "]0;owned\\"),  # the window title
+    ("\x1b[2J\x1b[1;1H", "[2J[1;1H"),  # erase, move the cursor
+    ("\x1b[8mhidden\x1b[0m", "[8mhidden[0m"),  # invisible text
+    ("\x1b]8;;http://x/\x1b\\link\x1b]8;;\x1b\\", "]8;;http://x/\\link]8;;\\"),
+    ("\x9b31mC1\x9d0;t\x9c", "31mC10;t"),  # the one-character C1 forms
+    ("\r\x08\x7f\x0b\x0c\x05", ""),  # CR, backspace, DEL, VT, FF, ENQ
+    ("\tkept\nnext line é ✓ 日本", "\tkept\nnext line é ✓ 日本"),
+]
+HOSTILE_REASONING = [("R\x1b]0;t\x07\x1b[2K", "R]0;t[2K")]
+
+
+def hostile(pieces: list[tuple[str, str]], shown: bool) -> str:
+    return "".join(piece[shown] for piece in pieces)
+
+
+HOSTILE_PROMPT = f"<think>{hostile(HOSTILE_REASONING, False)}</think>" + hostile(
+    HOSTILE_ANSWER, False
+)
+
+
+def test_control_characters_from_the_model_are_removed(site):
+    result = run_client(site, "--model", "fake:echo=raw", HOSTILE_PROMPT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == hostile(HOSTILE_ANSWER, True) + "\n"
+    # Piped, the reasoning goes to stderr, which is often still the terminal.
+    assert hostile(HOSTILE_REASONING, True) + "\n" in result.stderr
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", result.stderr)
+
+
+def test_on_a_terminal_only_the_clients_own_dimming_is_an_escape(site):
+    code, text, errors = on_a_terminal(site, b"", "--model", "fake:echo=raw", HOSTILE_PROMPT)
+    assert code == 0, errors
+    assert text.startswith("\x1b[2m")  # the reasoning, dimmed
+    plain = text.replace("\x1b[2m", "").replace("\x1b[0m", "")
+    shown = f"{hostile(HOSTILE_REASONING, True)}\n{hostile(HOSTILE_ANSWER, True)}\n"
+    assert plain == shown.replace("\n", "\r\n")  # the terminal's own newline
+
+
+def test_raw_keeps_the_models_text_exactly(site):
+    result = run_client(site, "--raw", "--model", "fake:echo=raw", HOSTILE_PROMPT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == hostile(HOSTILE_ANSWER, False) + "\n"
+    assert hostile(HOSTILE_REASONING, False) + "\n" in result.stderr
+
+
+def test_server_text_in_errors_is_cleaned_even_with_raw(site):
+    result = run_client(site, "--raw", "--model", "nope\x1b]0;t\x07", "Hello")
+    assert result.returncode == 1
+    assert "model_not_found" in result.stderr
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", result.stderr)
 
 
 def test_no_reasoning_hides_the_reasoning(site):
