@@ -1,12 +1,23 @@
 #!/usr/bin/env python3
 """A terminal client for chatsite's WebSocket protocol v1 (docs/protocol.md).
 
-    python clients/chat.py --url ws://HOST/ws/chat/ --token TOKEN "a prompt"
-    CHATSITE_URL=ws://HOST/ws/chat/ CHATSITE_TOKEN=... python clients/chat.py
+    .venv/bin/python clients/chat.py --url ws://HOST/ws/chat/ --token TOKEN "a prompt"
+    CHATSITE_URL=ws://HOST/ws/chat/ CHATSITE_TOKEN=... .venv/bin/python clients/chat.py
 
 With a prompt it prints the answer as it streams and exits 0; 1 if the reply
 fails, 2 if the server refuses the token. Without one it reads lines:
-/model [NAME], /new, /system [TEXT], /exit. Needs only `websockets`.
+prompts, and the COMMANDS below (/help lists them). Needs only `websockets`:
+the project's .venv (`make install`) has it; elsewhere, `pip install
+websockets` and run it with that Python.
+
+What the model writes may hold control characters, and so escape sequences
+that would make the terminal set its clipboard (OSC 52) or title, erase or
+move about the screen, hide text or show a false link. Those characters
+(C0 but tab and newline, DEL, C1) are removed from the answer and the
+reasoning alike, wherever they go, since piped text often ends up on a
+terminal too (`less -R`, `cat`); --raw keeps them for programs that want
+the text exactly. What else the server sends (errors, model names) is
+always cleaned.
 
 The socket lives in an asyncio loop on a background thread. The main thread
 keeps the blocking input() and is where Python delivers Ctrl-C, so a Ctrl-C
@@ -23,6 +34,7 @@ import itertools
 import json
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -42,7 +54,19 @@ MAX_BACKOFF = 5.0  # seconds
 # no frame we subscribe again, which lets the server notice and say so.
 QUIET = 10.0  # seconds
 CLOSE_TOKEN_REVOKED = 4001
+COMMANDS = {
+    "/model [NAME]": "list the server's models, or answer with NAME from now on",
+    "/new": "start a new conversation, with no system prompt",
+    "/system [TEXT]": "set the system prompt; without TEXT, clear it",
+    "/help": "list these commands",
+    "/exit": "leave (so does Ctrl-D)",
+}
+HINT = "[type a message and press Enter to send it; /help lists the commands]"
 DIM, RESET = "\x1b[2m", "\x1b[0m"
+# Without ESC and its one-character C1 forms (CSI is U+009B, OSC U+009D) no
+# escape sequence can begin, however the text is split across deltas; what
+# is left of one shows as plain text.
+UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 @dataclass
@@ -78,16 +102,21 @@ class Turn:
     stop_wanted: bool = False
 
 
+def printable(text: str) -> str:
+    return UNPRINTABLE.sub("", text)
+
+
 def note(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    print(printable(text), file=sys.stderr, flush=True)
 
 
 class Output:
     """The answer goes to stdout; reasoning is dimmed there on a terminal,
     and goes to stderr otherwise, so that a piped stdout holds only the answer."""
 
-    def __init__(self, show_reasoning: bool):
+    def __init__(self, show_reasoning: bool, raw: bool = False):
         self.show_reasoning = show_reasoning
+        self.clean = (lambda text: text) if raw else printable
         self.tty = sys.stdout.isatty()
         self.begin()
 
@@ -95,6 +124,7 @@ class Output:
         self.reasoning_open = self.wrote_answer = False
 
     def reasoning(self, text: str) -> None:
+        text = self.clean(text)
         if text and self.show_reasoning:
             if self.tty:
                 self._write(sys.stdout, DIM + text + RESET)
@@ -103,6 +133,7 @@ class Output:
             self.reasoning_open = True
 
     def answer(self, text: str) -> None:
+        text = self.clean(text)
         if text:
             self._close_reasoning()
             self._write(sys.stdout, text)
@@ -334,7 +365,9 @@ class Session:
     async def new_conversation(self) -> None:
         if self.conversation is not None:
             await self._send({"type": "unsubscribe", "conversation": self.conversation})
-        self.conversation = None
+        # A prompt written for one conversation is not silently carried into
+        # the next: /system sets one for it.
+        self.conversation = self.system = None
 
     # Frames from the server.
 
@@ -469,6 +502,8 @@ def repl(runner: LoopThread, session: Session) -> int:
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
     session.interrupt_main = True
+    if interactive:
+        note(HINT)
     try:
         while session.fatal is None:
             try:
@@ -490,28 +525,36 @@ def run_line(runner: LoopThread, session: Session, line: str) -> None:
     command, _, rest = line.partition(" ")
     rest = rest.strip()
     if command == "/new":
+        had_system = bool(session.system)
         runner.run(session.new_conversation())
-        note("[new conversation]")
+        note("[new conversation, system prompt cleared]" if had_system else "[new conversation]")
     elif command == "/model" and rest:
         session.model = rest
         note(f"[model {rest}]")
     elif command == "/model":
         current = session.model or session.default_model
         for model in session.models:
-            print(("* " if model == current else "  ") + model, flush=True)
+            print(("* " if model == current else "  ") + printable(model), flush=True)
         if not session.models:
             note("[the server lists no models]")
     elif command == "/system":
         session.system = rest  # empty clears it
         note("[system prompt set]" if rest else "[system prompt cleared]")
+    elif command == "/help":
+        width = max(map(len, COMMANDS))
+        for usage, meaning in COMMANDS.items():
+            print(f"{usage:<{width}}  {meaning}", flush=True)
     elif command.startswith("/"):
-        note("commands: /model [NAME], /new, /system [TEXT], /exit")
+        note(f"[unknown command {command}; /help lists the commands]")
     else:
         report(ask(runner, session, line))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Chat with a chatsite server.")
+    parser = argparse.ArgumentParser(
+        description="Chat with a chatsite server.",
+        epilog="Without a prompt, a REPL: " + ", ".join(COMMANDS),
+    )
     parser.add_argument("prompt", nargs="?", help="ask this and exit (else a REPL)")
     parser.add_argument(
         "--url",
@@ -527,6 +570,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conversation", help="continue this conversation id")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--no-reasoning", action="store_true", help="hide the model's reasoning")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="keep control characters and escape sequences in the model's text",
+    )
     args = parser.parse_args(argv)
     if not args.url or not args.token:
         parser.error("--url and --token (or CHATSITE_URL and CHATSITE_TOKEN) are required")
@@ -537,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     session = Session(
         args.url,
         args.token,
-        Output(not args.no_reasoning),
+        Output(not args.no_reasoning, args.raw),
         model=args.model,
         conversation=args.conversation,
         system=args.system,

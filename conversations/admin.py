@@ -1,5 +1,6 @@
 from django.contrib import admin
-from django.db.models import Count
+from django.db.models import Count, OuterRef, Subquery
+from django.db.models.functions import Coalesce
 from django.urls import reverse
 from django.utils.html import format_html
 
@@ -29,9 +30,24 @@ class ConversationAdmin(admin.ModelAdmin):
     readonly_fields = ["id", "owner", "created", "updated"]
     fields = ["id", "owner", "title", "model", "system_prompt", "options", "created", "updated"]
     inlines = [MessageInline]
+    # The site's conversation page is owner-only: the link would be a 404 for staff.
+    view_on_site = False
 
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(message_total=Count("messages"))
+        # A subquery, not Count("messages"): a search on messages__content
+        # joins the messages again, and a join-based count would multiply.
+        per_conversation = (
+            Message.objects.filter(conversation=OuterRef("pk"))
+            .order_by()
+            .values("conversation")
+            .annotate(total=Count("pk"))
+            .values("total")
+        )
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(message_total=Coalesce(Subquery(per_conversation), 0))
+        )
 
     @admin.display(description="owner", ordering="owner__username")
     def owner_link(self, obj: Conversation) -> str:

@@ -1,6 +1,7 @@
 """Admins and reviewers read users' conversations in the Django admin."""
 
 import pytest
+from django.contrib.contenttypes.models import ContentType
 from django.urls import reverse
 
 from conversations.models import ApiToken, Conversation
@@ -51,3 +52,27 @@ def test_users_who_are_not_staff_cannot_open_the_admin(client, alice):
     client.force_login(alice)
     response = client.get(reverse("admin:conversations_conversation_changelist"))
     assert response.status_code == 302
+
+
+def test_a_conversation_in_the_admin_has_no_view_on_site_link(admin_client, chat):
+    # The site's conversation page is owner-only: the link would be a 404 for staff.
+    page = admin_client.get(reverse("admin:conversations_conversation_change", args=[chat.pk]))
+    assert page.status_code == 200
+    html = page.content.decode()
+    content_type = ContentType.objects.get_for_model(Conversation).pk
+    assert reverse("admin:view_on_site", args=[content_type, chat.pk]) not in html
+    assert "View on site" not in html
+
+
+def test_the_message_count_is_the_same_when_a_search_matches_message_text(admin_client, alice):
+    conversation = Conversation.objects.create(owner=alice, model="fake", title="Counting")
+    for i in range(6):
+        conversation.messages.create(role="user", content=f"needle {i}")
+        conversation.messages.create(role="assistant", content=f"needle reply {i}")
+    Conversation.objects.create(owner=alice, model="fake", title="Counting nothing")
+    url = reverse("admin:conversations_conversation_changelist")
+    for query in ({}, {"q": "needle"}, {"q": "needle", "o": "4"}, {"q": "Counting"}):
+        page = admin_client.get(url, query).content.decode()
+        assert '<td class="field-message_count">12</td>' in page, query
+    page = admin_client.get(url, {"q": "Counting nothing"}).content.decode()
+    assert '<td class="field-message_count">0</td>' in page

@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import select
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -53,15 +54,17 @@ def client_env(site: Site, url: str | None = None, token: str | None = None) -> 
 
 
 def run_client(site: Site, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    result = subprocess.run(
         [sys.executable, CLIENT, *args],
-        input=stdin,
+        input=None if stdin is None else stdin.encode(),
         capture_output=True,
-        text=True,
         timeout=TIMEOUT,
         env=client_env(site),
         cwd=ROOT,
     )
+    # Decoded here: text mode would turn a stray "\r" into "\n" and hide it.
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
 
 
 async def start_client(site: Site, *args: str, url: str | None = None, token: str | None = None):
@@ -110,6 +113,45 @@ def messages_of(site: Site, conversation_id: str) -> list[tuple[str, str, str]]:
 
     with psycopg.connect(url) as db:
         return db.execute(query, (conversation_id,)).fetchall()
+
+
+# Where the ways to run the client are written down. (README.md is to join
+# this list once its commands name the project's interpreter.)
+DOCUMENTED = (CLIENT,)
+
+
+def documented_commands() -> list[list[str]]:
+    """Every line in DOCUMENTED that runs the client, as words, without the
+    leading VAR=value assignments."""
+    commands = []
+    for path in DOCUMENTED:
+        for line in open(path, encoding="utf-8"):
+            if "clients/chat.py" not in line:
+                continue
+            words = shlex.split(line.strip().strip("`"), comments=True)
+            while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+                words.pop(0)
+            if "clients/chat.py" in words:
+                commands.append(words)
+    return commands
+
+
+def test_the_documented_commands_run_the_client():
+    commands = documented_commands()
+    assert commands
+    for words in commands:
+        # The interpreter as named, from the project's own directory.
+        interpreter, script = words[0], words[1]
+        assert script == "clients/chat.py", words
+        result = subprocess.run(
+            [interpreter, script, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            cwd=ROOT,
+        )
+        assert result.returncode == 0, (words, result.stderr)
+        assert "--token" in result.stdout
 
 
 def test_a_prompt_prints_the_answer_and_exits_0(site):
@@ -162,6 +204,25 @@ def test_repl_two_prompts_then_new_and_model(site, fake_llm_server):
     assert last["messages"] == [{"role": "user", "content": "Third"}]
 
 
+def test_repl_new_starts_without_the_last_system_prompt_unless_one_is_set(site, fake_llm_server):
+    lines = ["/system Be a pirate.", "One", "/new", "Two", "/system Be brief.", "Three"]
+    result = run_client(site, stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert "[new conversation, system prompt cleared]" in result.stderr
+    one, two, three = (request["messages"] for request in fake_llm_server.requests[-3:])
+    assert one == [
+        {"role": "system", "content": "Be a pirate."},
+        {"role": "user", "content": "One"},
+    ]
+    assert two == [{"role": "user", "content": "Two"}]
+    assert three == [
+        {"role": "system", "content": "Be brief."},
+        *two,
+        {"role": "assistant", "content": expected_text("fake")},
+        {"role": "user", "content": "Three"},
+    ]
+
+
 def test_repl_lists_models_and_ends_at_eof(site):
     result = run_client(site, stdin="/model\n")
     assert result.returncode == 0, result.stderr
@@ -175,10 +236,12 @@ def test_repl_lists_models_and_ends_at_eof(site):
     ]
 
 
-def test_on_a_terminal_it_prompts_and_dims_the_reasoning(site):
+def on_a_terminal(site: Site, keys: bytes, *args: str) -> tuple[int, str, str]:
+    """Run the client with a pseudo-terminal as stdin and stdout, typing
+    keys; return its exit status, the screen's bytes as text, and stderr."""
     controller, terminal = pty.openpty()
     client = subprocess.Popen(
-        [sys.executable, CLIENT],
+        [sys.executable, CLIENT, *args],
         stdin=terminal,
         stdout=terminal,
         stderr=subprocess.PIPE,
@@ -188,7 +251,7 @@ def test_on_a_terminal_it_prompts_and_dims_the_reasoning(site):
     os.close(terminal)
     screen = b""
     try:
-        os.write(controller, b"/model fake-think\nThink\n/exit\n")
+        os.write(controller, keys)
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
             if select.select([controller], [], [], 0.1)[0]:
@@ -206,12 +269,90 @@ def test_on_a_terminal_it_prompts_and_dims_the_reasoning(site):
         os.close(controller)
         errors = client.stderr.read().decode()
         client.stderr.close()
-    text = screen.decode()
-    assert client.returncode == 0, errors
+    return client.returncode, screen.decode(), errors
+
+
+def test_on_a_terminal_it_prompts_and_dims_the_reasoning(site):
+    code, text, errors = on_a_terminal(site, b"/model fake-think\nThink\n/exit\n")
+    assert code == 0, errors
     assert "> " in text and "\x1b[2mr1" in text
     answer = expected_text("fake-think")
     assert f"\x1b[0m\r\n{answer}\r\n" in text  # the answer starts on a line of its own
     assert "r1" not in errors
+
+
+def test_on_a_terminal_the_repl_opens_with_a_hint_and_help_lists_the_commands(site):
+    code, text, errors = on_a_terminal(site, b"/help\n/exit\n")
+    assert code == 0, errors
+    assert errors.splitlines()[0].startswith("[") and "/help" in errors.splitlines()[0]
+    for command in ("/model [NAME]", "/new", "/system [TEXT]", "/help", "/exit"):
+        assert f"\r\n{command} " in text, command
+
+
+def test_piped_the_repl_gives_no_hint_and_unknown_commands_point_to_help(site):
+    result = run_client(site, stdin="/what\n/help\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "[unknown command /what; /help lists the commands]\n"
+    listed = [line.split("  ")[0] for line in result.stdout.splitlines()]
+    assert listed == ["/model [NAME]", "/new", "/system [TEXT]", "/help", "/exit"]
+
+
+# What a model may write, and what of it may reach the user: the control
+# characters go, and the rest of each sequence shows as plain text. The fake
+# model echoes the prompt in 5-character chunks, so sequences are split.
+HOSTILE_ANSWER = [
+    ("A", "A"),
+    ("\x1b]52;c;aGk=\x07", "]52;c;aGk="),  # OSC 52: write the clipboard
+    ("\x1b]0;owned\x1b\\", "]0;owned\\"),  # the window title
+    ("\x1b[2J\x1b[1;1H", "[2J[1;1H"),  # erase, move the cursor
+    ("\x1b[8mhidden\x1b[0m", "[8mhidden[0m"),  # invisible text
+    ("\x1b]8;;http://x/\x1b\\link\x1b]8;;\x1b\\", "]8;;http://x/\\link]8;;\\"),
+    ("\x9b31mC1\x9d0;t\x9c", "31mC10;t"),  # the one-character C1 forms
+    ("\r\x08\x7f\x0b\x0c\x05", ""),  # CR, backspace, DEL, VT, FF, ENQ
+    ("\tkept\nnext line é ✓ 日本", "\tkept\nnext line é ✓ 日本"),
+]
+HOSTILE_REASONING = [("R\x1b]0;t\x07\x1b[2K", "R]0;t[2K")]
+
+
+def hostile(pieces: list[tuple[str, str]], shown: bool) -> str:
+    return "".join(piece[shown] for piece in pieces)
+
+
+HOSTILE_PROMPT = f"<think>{hostile(HOSTILE_REASONING, False)}</think>" + hostile(
+    HOSTILE_ANSWER, False
+)
+
+
+def test_control_characters_from_the_model_are_removed(site):
+    result = run_client(site, "--model", "fake:echo=raw", HOSTILE_PROMPT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == hostile(HOSTILE_ANSWER, True) + "\n"
+    # Piped, the reasoning goes to stderr, which is often still the terminal.
+    assert hostile(HOSTILE_REASONING, True) + "\n" in result.stderr
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", result.stderr)
+
+
+def test_on_a_terminal_only_the_clients_own_dimming_is_an_escape(site):
+    code, text, errors = on_a_terminal(site, b"", "--model", "fake:echo=raw", HOSTILE_PROMPT)
+    assert code == 0, errors
+    assert text.startswith("\x1b[2m")  # the reasoning, dimmed
+    plain = text.replace("\x1b[2m", "").replace("\x1b[0m", "")
+    shown = f"{hostile(HOSTILE_REASONING, True)}\n{hostile(HOSTILE_ANSWER, True)}\n"
+    assert plain == shown.replace("\n", "\r\n")  # the terminal's own newline
+
+
+def test_raw_keeps_the_models_text_exactly(site):
+    result = run_client(site, "--raw", "--model", "fake:echo=raw", HOSTILE_PROMPT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == hostile(HOSTILE_ANSWER, False) + "\n"
+    assert hostile(HOSTILE_REASONING, False) + "\n" in result.stderr
+
+
+def test_server_text_in_errors_is_cleaned_even_with_raw(site):
+    result = run_client(site, "--raw", "--model", "nope\x1b]0;t\x07", "Hello")
+    assert result.returncode == 1
+    assert "model_not_found" in result.stderr
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", result.stderr)
 
 
 def test_no_reasoning_hides_the_reasoning(site):
