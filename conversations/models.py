@@ -116,7 +116,7 @@ class Conversation(models.Model):
         return self.title or "New chat"
 
     def get_absolute_url(self) -> str:
-        return reverse("conversation", args=[self.pk])
+        return reverse("conversations:conversation", args=[self.pk])
 
     def as_frame(self) -> dict[str, Any]:
         return {

@@ -2,7 +2,6 @@ import uuid
 from collections.abc import Callable
 from functools import wraps
 
-from asgiref.sync import async_to_sync
 from django import forms
 from django.conf import settings
 from django.contrib.auth import login
@@ -14,9 +13,9 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from . import replies
 from .forms import MODEL_LENGTH, RenameForm, SettingsForm, TokenForm
 from .models import TITLE_LENGTH, ApiToken, Conversation
+from .protocol import NOT_FOUND_TEXT, ErrorCode
 
 # The page's JS puts a conversation's id in place of this one.
 PLACEHOLDER_ID = uuid.UUID(int=0)
@@ -39,7 +38,7 @@ class Refused(BadRequest):
     def from_form(cls, form: forms.Form) -> "Refused":
         too_large = any(form.has_error(name, "max_length") for name in form.errors)
         message = next(iter(form.errors.values()))[0]
-        return cls("too_large" if too_large else "bad_request", message)
+        return cls(ErrorCode.TOO_LARGE if too_large else ErrorCode.BAD_REQUEST, message)
 
 
 def json_errors(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
@@ -53,7 +52,7 @@ def json_errors(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse
         except Http404:
             if not _wants_json(request):
                 raise
-            return _json_error(404, "not_found", "No such conversation.")
+            return _json_error(404, ErrorCode.NOT_FOUND, NOT_FOUND_TEXT)
         except Refused as refusal:
             if not _wants_json(request):
                 raise
@@ -130,11 +129,7 @@ def rename(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
 def delete(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     conversation = _own(request, pk)
     deleted = str(conversation.pk)
-    reply = conversation.reply_in_progress()
-    if reply is not None:
-        # Stop it now rather than when it next fails to save.
-        async_to_sync(replies.request_stop)(conversation.pk, reply.pk)
-    conversation.delete()
+    conversation.stop_and_delete()
     if _wants_json(request):
         return JsonResponse({"deleted": deleted})
     return redirect("conversations:chat")

@@ -68,13 +68,7 @@ def bob(django_user_model):
 async def finish_replies(timeout: float = 10.0) -> None:
     """Replies outlive their sockets by design; a test waits for them so
     none writes to the database after the test has ended."""
-    pending = list(replies._running)
-    if not pending:
-        return
-    _, still = await asyncio.wait(pending, timeout=timeout)
-    for task in still:
-        task.cancel()
-    await asyncio.gather(*still, return_exceptions=True)
+    await replies.wait_all(timeout)
 
 
 @asynccontextmanager

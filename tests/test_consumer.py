@@ -607,7 +607,7 @@ async def test_deleting_a_conversation_mid_reply_stops_the_model(alice, fake_llm
         conversation_id = first["conversation"]["id"]
         await receive_until(ws, "delta")
         client = await sync_to_async(logged_in)(alice)
-        url = reverse("conversation-delete", args=[conversation_id])
+        url = reverse("conversations:delete", args=[conversation_id])
         response = await sync_to_async(client.post)(url, HTTP_ACCEPT="application/json")
         assert response.status_code == 200
         await receive_until(ws, "end")
