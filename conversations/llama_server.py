@@ -32,9 +32,10 @@ async def list_models() -> dict:
 
 def create_app(server: ServerSettings, model: ModelSettings) -> FastAPI:
     app = llama_app.create_app(server_settings=server, model_settings=[model])
-    routes = app.router.routes
-    routes[:] = [route for route in routes if getattr(route, "path", None) != MODELS_PATH]
+    # Routes match in order, and FastAPI keeps llama's router as one opaque
+    # entry, so ours goes first rather than replacing theirs.
     app.get(MODELS_PATH, dependencies=[Depends(llama_app.authenticate)])(list_models)
+    app.router.routes.insert(0, app.router.routes.pop())
     return app
 
 
