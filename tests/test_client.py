@@ -117,7 +117,7 @@ def messages_of(site: Site, conversation_id: str) -> list[tuple[str, str, str]]:
 
 # Where the ways to run the client are written down. (README.md is to join
 # this list once its commands name the project's interpreter.)
-DOCUMENTED = (CLIENT,)
+DOCUMENTED = (CLIENT, str(ROOT / "README.md"))
 
 
 def documented_commands() -> list[list[str]]:
