@@ -108,7 +108,7 @@ function decorateCodeBlock(doc, code, highlight) {
   label.textContent = lang || "text";
   const copy = doc.createElement("button");
   copy.type = "button";
-  copy.className = "copy-code";
+  copy.className = "icon-button copy-code";
   copy.setAttribute("aria-label", "Copy code");
   copy.textContent = "Copy";
   head.append(label, copy);
