@@ -48,21 +48,38 @@ export const replyActions = {
 export const LIVE = new Set(["pending", "streaming"]);
 export const FAILED = new Set(["error", "interrupted"]);
 
+// The server's limits and URLs have their home in Django; the page only reads them.
 const data = root.dataset;
 export const config = {
   siteName: data.siteName || "chatsite",
   wsPath: data.wsPath || "/ws/chat/",
-  maxContent: 32_000,
-  maxTitle: 200,
-  chatUrl: "/",
+  maxContent: Number(data.maxContent),
+  maxTitle: Number(data.maxTitle),
+  chatUrl: data.urlChat,
+};
+
+// Each URL template is reversed by Django with this placeholder for the conversation's id.
+const PLACEHOLDER = "00000000-0000-0000-0000-000000000000";
+const URL_TEMPLATES = {
+  conversation: data.urlConversation,
+  rename: data.urlRename,
+  delete: data.urlDelete,
+  settings: data.urlSettings,
 };
 
 /** The URL of one of a conversation's pages or endpoints: "conversation", "rename", "delete" or "settings". */
-export const conversationUrl = (id, kind = "conversation") => (kind === "conversation" ? `/c/${id}/` : `/c/${id}/${kind}/`);
+export const conversationUrl = (id, kind = "conversation") => URL_TEMPLATES[kind].replace(PLACEHOLDER, id);
+
+const escapeRegExp = (text) => text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+const [pathBefore, pathAfter] = URL_TEMPLATES.conversation.split(PLACEHOLDER);
+// Matched with or without the trailing slash, which a typed address may lack.
+const CONVERSATION_PATH = new RegExp(
+  `^${escapeRegExp(pathBefore)}([0-9a-fA-F-]{32,36})${escapeRegExp(pathAfter.replace(/\/$/, ""))}/?$`,
+);
 
 /** The conversation a path of ours shows; null for the new-chat page or any other path. */
 export function idFromPath(path) {
-  const match = /\/c\/([0-9a-fA-F-]{32,36})\/?$/.exec(path);
+  const match = CONVERSATION_PATH.exec(path);
   return match ? match[1] : null;
 }
 
