@@ -12,6 +12,7 @@ import urllib.request
 from urllib.parse import urlparse
 
 import pytest
+from django.conf import settings
 from playwright.sync_api import expect, sync_playwright
 
 from tests.browser_support import (
@@ -602,6 +603,45 @@ def test_keyboard_enter_shift_enter_and_escape(page):
     page.keyboard.press("Escape")
     finished(reply, "stopped")
     expect(prompt).to_be_focused()
+
+
+def test_a_message_over_the_servers_limit_stays_in_the_box(page):
+    limit = settings.CHAT_MAX_CONTENT
+    too_long = "x" * (limit + 1)
+    prompt = page.locator("#prompt")
+    prompt.fill(too_long)
+    prompt.press("Enter")
+    expect(page.locator("#notice-text")).to_have_text(
+        f"That message is too long (the limit is {limit:,} characters)."
+    )
+    expect(page.locator("#messages > article")).to_have_count(0)
+    expect(prompt).to_have_value(too_long)
+
+
+def test_back_and_forward_switch_between_conversations(page, site):
+    send(page, "First topic")
+    finished(last_reply(page))
+    first_id = conversation_id(page)
+    page.locator("#new-chat").click()
+    send(page, "Second topic")
+    finished(last_reply(page))
+    second_id = conversation_id(page)
+    user = page.locator("#messages > article.user .content")
+
+    page.go_back()
+    expect(page).to_have_url(site.url() + "/")
+    expect(page.locator("#chat-title")).to_have_text("New chat")
+    expect(page.locator("#messages > article")).to_have_count(0)
+    page.go_back()
+    expect(page).to_have_url(f"{site.url()}/c/{first_id}/")
+    expect(user).to_have_text("First topic")
+    expect(page.locator(f'li[data-id="{first_id}"] .conversation-link')).to_have_attribute(
+        "aria-current", "page"
+    )
+    page.go_forward()
+    page.go_forward()
+    expect(page).to_have_url(f"{site.url()}/c/{second_id}/")
+    expect(user).to_have_text("Second topic")
 
 
 # ---------------------------------------------------------------- accessibility

@@ -78,14 +78,14 @@ export function refreshRelativeTimes(root = document) {
 }
 
 /** Django's CSRF token: the cookie when readable, else a {% csrf_token %} field on the page. */
-export function csrfToken() {
+function csrfToken() {
   const match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
   if (match) return decodeURIComponent(match[1]);
   const field = document.querySelector("input[name=csrfmiddlewaretoken]");
   return field ? field.value : "";
 }
 
-export class HttpError extends Error {
+class HttpError extends Error {
   constructor(status, code, message) {
     super(message || code || `HTTP ${status}`);
     this.status = status;

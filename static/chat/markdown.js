@@ -108,7 +108,7 @@ function decorateCodeBlock(doc, code, highlight) {
   label.textContent = lang || "text";
   const copy = doc.createElement("button");
   copy.type = "button";
-  copy.className = "copy-code";
+  copy.className = "icon-button copy-code";
   copy.setAttribute("aria-label", "Copy code");
   copy.textContent = "Copy";
   head.append(label, copy);
@@ -163,12 +163,6 @@ function fenceClosed(raw) {
   return Boolean(close && close[1][0] === open[1][0] && close[1].length >= open[1].length);
 }
 
-/** Render markdown once (no streaming); returns a DocumentFragment ready to insert. */
-export function renderMarkdown(text) {
-  const html = marked.parser(marked.lexer(text));
-  return document.adoptNode(finish(purify.sanitize(html, PURIFY_CONFIG), { highlight: true }));
-}
-
 /**
  * A view of one growing markdown text inside `container`.
  *
@@ -183,11 +177,6 @@ export class MarkdownView {
   constructor(container) {
     this.container = container;
     this.blocks = []; // {raw, complete, nodes}
-  }
-
-  clear() {
-    this.blocks = [];
-    this.container.replaceChildren();
   }
 
   update(text, { final = false } = {}) {

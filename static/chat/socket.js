@@ -5,7 +5,7 @@ const BASE_DELAY_MS = 500;
 const MAX_DELAY_MS = 10_000;
 
 /** ws: or wss: to the page's own host; wss: whenever the page itself is https. */
-export function socketUrl(path) {
+function socketUrl(path) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   return `${scheme}//${location.host}${path}`;
 }
@@ -28,7 +28,6 @@ export class ChatSocket extends EventTarget {
     this.retryTimer = null;
     this.pingTimer = null;
     this.lastHeard = 0;
-    this.stopped = false;
 
     // A laptop waking up or a network coming back is a good moment to retry
     // at once instead of waiting out a long backoff.
@@ -43,15 +42,7 @@ export class ChatSocket extends EventTarget {
   }
 
   start() {
-    this.stopped = false;
     if (!this.ws) this.connect();
-  }
-
-  stop() {
-    this.stopped = true;
-    clearTimeout(this.retryTimer);
-    clearInterval(this.pingTimer);
-    if (this.ws) this.ws.close(1000);
   }
 
   /** Send one frame; false when there is no open connection (the caller decides whether to queue). */
@@ -62,7 +53,7 @@ export class ChatSocket extends EventTarget {
   }
 
   reconnectNow() {
-    if (this.stopped || this.ws) return;
+    if (this.ws) return;
     clearTimeout(this.retryTimer);
     this.failures = 0;
     this.connect();
@@ -112,7 +103,7 @@ export class ChatSocket extends EventTarget {
     this.ws = null;
     clearInterval(this.pingTimer);
     if (!opened) this.failures += 1;
-    const delayMs = this.stopped ? null : this.scheduleRetry();
+    const delayMs = this.scheduleRetry();
     this.dispatchEvent(
       new CustomEvent("close", {
         detail: { code, opened, failures: this.failures, delayMs },

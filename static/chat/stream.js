@@ -1,0 +1,286 @@
+// The reply state machine: the server's frames (docs/protocol.md) applied to
+// the conversation on screen. The server is the source of truth: this module
+// only mirrors what the frames say, and re-asks (subscribe) when it may have
+// missed something.
+
+import { giveBack, updateComposer } from "./composer.js";
+import { announce, explainError, friendly, hideNotice, normaliseError, showNotice } from "./errors.js";
+import {
+  adoptUserBubble,
+  appendReasoning,
+  applyMessage,
+  clearMessages,
+  collapseReasoningForAnswer,
+  createMessage,
+  removeMessage,
+  scheduleRender,
+  updateEmptyState,
+} from "./messages.js";
+import { $, config, conversationUrl, els, LIVE, state } from "./page.js";
+import { pending, requestId, socket } from "./requests.js";
+import { setSettingsStatus } from "./settings.js";
+import { findConversationItem, markActive, setSidebar, updateSidebarEmpty, upsertConversation } from "./sidebar.js";
+import { applyConversation, fillModels, setLlm, setTitle } from "./toolbar.js";
+
+export function subscribe(id) {
+  const subId = requestId("sub");
+  const marker = `${subId}:end`;
+  // Snapshots replace what we show; messages not replayed by the time the
+  // marker's pong arrives are gone from the server (superseded) and go too.
+  state.replay = { marker, conversation: id, stale: new Set(state.messages.keys()) };
+  if (!socket.send({ type: "subscribe", id: subId, conversation: id })) {
+    state.replay = null; // the open handler subscribes again
+    return;
+  }
+  pending.set(subId, { type: "subscribe", conversation: id });
+  socket.send({ type: "ping", id: marker });
+}
+
+/** Ask for a full replay after a gap in `seq`; repeated gaps during one replay are ignored. */
+function resync() {
+  if (state.current && !state.replay) subscribe(state.current);
+}
+
+function touchReplay(messageId) {
+  if (state.replay) state.replay.stale.delete(messageId);
+}
+
+function finishReplay() {
+  const replay = state.replay;
+  state.replay = null;
+  if (!replay || replay.conversation !== state.current) return;
+  for (const id of replay.stale) removeMessage(id);
+  for (const [id, entry] of pending) {
+    if (entry.type === "send" && entry.lost && !entry.confirmed && entry.conversation === state.current) {
+      giveBack(id, entry);
+    }
+  }
+  updateComposer();
+  updateEmptyState();
+  scheduleRender();
+}
+
+/** A frame about one message counts only for the conversation on screen. */
+const onScreen = (handler) => (frame) => {
+  if (frame.conversation === state.current && frame.message) return handler(frame);
+};
+
+const HANDLERS = {
+  ready(frame) {
+    if (frame.protocol !== undefined && frame.protocol !== 1) {
+      showNotice("The server was updated. Reload the page to keep chatting.");
+    }
+    state.models = Array.isArray(frame.models) ? frame.models.filter((m) => typeof m === "string") : [];
+    if (frame.default_model) state.defaultModel = frame.default_model;
+    setLlm(frame.llm === "unavailable" ? "unavailable" : "ok");
+    fillModels();
+  },
+
+  pong(frame) {
+    if (state.replay && frame.id === state.replay.marker) finishReplay();
+  },
+
+  conversation(frame) {
+    const conv = frame.conversation;
+    if (!conv || !conv.id) return;
+    const entry = pending.get(frame.id);
+    const known = Boolean(findConversationItem(conv.id));
+    upsertConversation(conv);
+    if (entry && entry.type === "send" && !entry.conversation) {
+      adoptNewConversation(conv, entry);
+    } else if (!entry && !known && !state.current) {
+      // Fallback if a server does not echo `id` on this frame: a conversation
+      // we have never seen, while a new-chat send is waiting, is ours.
+      const waiting = [...pending.values()].find((e) => e.type === "send" && !e.conversation && e.sent);
+      if (waiting) adoptNewConversation(conv, waiting);
+    }
+    if (conv.id === state.current) applyConversation(conv);
+    if (entry && entry.type === "subscribe") pending.delete(frame.id);
+  },
+
+  message: onScreen((frame) => {
+    const snap = frame.message;
+    if (snap.role === "system" || !snap.id) return;
+    touchReplay(snap.id);
+    if (snap.superseded) {
+      // A regenerate replaced this reply; the new one follows as start/delta/end.
+      removeMessage(snap.id);
+      updateComposer();
+      return;
+    }
+    let msg = state.messages.get(snap.id);
+    if (!msg && snap.role === "user") msg = adoptUserBubble(snap, frame.id);
+    if (!msg) msg = createMessage(snap.id, snap.role);
+    const held = msg.seq;
+    const snapSeq = Number.isInteger(snap.seq) ? snap.seq : 0;
+    // An older snapshot of a reply we already follow further adds nothing.
+    if (!(LIVE.has(msg.status) && LIVE.has(snap.status) && held > snapSeq)) {
+      msg.content = snap.content || "";
+      msg.reasoning = snap.reasoning || "";
+      msg.seq = snapSeq;
+      msg.status = snap.status || (snap.role === "user" ? "complete" : msg.status);
+      msg.model = snap.model || msg.model;
+      msg.usage = snap.usage || null;
+      msg.timing = snap.timing || null;
+      msg.error = normaliseError(snap.error, snap.status);
+      applyMessage(msg, { reset: true });
+    }
+    if (snap.role === "assistant" && LIVE.has(msg.status)) pending.replyStarted(state.current);
+    updateComposer();
+  }),
+
+  start: onScreen((frame) => {
+    touchReplay(frame.message);
+    let msg = state.messages.get(frame.message);
+    if (!msg) msg = createMessage(frame.message, "assistant");
+    msg.status = "streaming";
+    msg.model = frame.model || msg.model;
+    applyMessage(msg);
+    pending.replyStarted(state.current);
+    updateComposer();
+    announce("The assistant is replying.");
+  }),
+
+  delta: onScreen((frame) => {
+    touchReplay(frame.message);
+    const seq = frame.seq;
+    let msg = state.messages.get(frame.message);
+    if (!msg) {
+      if (seq !== 1) return resync();
+      msg = createMessage(frame.message, "assistant");
+      msg.status = "streaming";
+      pending.replyStarted(state.current);
+      applyMessage(msg);
+    }
+    if (!Number.isInteger(seq) || seq <= msg.seq) return; // already contained in what we hold
+    if (seq > msg.seq + 1) return resync();
+    msg.seq = seq;
+    if (!LIVE.has(msg.status)) {
+      msg.status = "streaming";
+      msg.el.dataset.status = msg.status;
+      updateComposer();
+    }
+    if (typeof frame.reasoning === "string" && frame.reasoning) appendReasoning(msg, frame.reasoning);
+    if (typeof frame.content === "string" && frame.content) {
+      const wasEmpty = msg.content.length === 0;
+      msg.content += frame.content;
+      if (wasEmpty) collapseReasoningForAnswer(msg);
+      scheduleRender(msg);
+    }
+  }),
+
+  end: onScreen((frame) => {
+    touchReplay(frame.message);
+    const msg = state.messages.get(frame.message);
+    if (!msg) return resync();
+    // The end says how many deltas there were; if we hold fewer, fetch the tail.
+    if (Number.isInteger(frame.seq) && frame.seq > msg.seq) resync();
+    msg.status = frame.status || "complete";
+    if (frame.usage) msg.usage = frame.usage;
+    if (frame.timing) msg.timing = frame.timing;
+    msg.error = normaliseError(frame.error, msg.status);
+    applyMessage(msg);
+    pending.replyStarted(state.current);
+    updateComposer();
+    if (msg.error && msg.error.code === "upstream_unavailable") setLlm("unavailable");
+    else if (msg.status === "complete") setLlm("ok");
+    announce(
+      msg.status === "complete"
+        ? "Reply finished."
+        : msg.status === "stopped"
+          ? "Reply stopped."
+          : `Reply failed. ${explainError(msg)}`,
+    );
+  }),
+
+  error(frame) {
+    const entry = pending.get(frame.id);
+    if (entry) pending.delete(frame.id);
+    if (frame.code === "upstream_unavailable") setLlm("unavailable");
+    if (frame.conversation) {
+      // A failed reply, reported to the socket that asked for it just after
+      // its `end`: the reply itself already shows the error and a Retry button.
+      updateComposer();
+      return;
+    }
+    const text = friendly(frame.code, frame.message || "Something went wrong.");
+    if (!entry) {
+      showNotice(text);
+      return;
+    }
+    if (entry.type === "send") {
+      if (!entry.confirmed) giveBack(frame.id, entry, { notice: false });
+      showNotice(text);
+    } else if (entry.type === "subscribe" && frame.code === "not_found") {
+      findConversationItem(entry.conversation)?.remove();
+      updateSidebarEmpty();
+      if (state.current === entry.conversation) {
+        openConversation(null, { replace: true });
+        showNotice(text);
+      }
+    } else if (entry.type === "stop" && frame.code === "not_found") {
+      // Nothing was running any more: not worth bothering the user.
+    } else {
+      showNotice(text);
+    }
+    updateComposer();
+  },
+};
+
+export function handleFrame(frame) {
+  const handler = HANDLERS[frame.type];
+  if (handler) handler(frame);
+}
+
+/** Our new-chat send created `conv`: show it as the current conversation unless the user moved on. */
+function adoptNewConversation(conv, entry) {
+  entry.conversation = conv.id;
+  if (entry.stopRequested) pending.transmit({ type: "stop", conversation: conv.id });
+  if (state.current) return; // the user moved on to another conversation meanwhile
+  state.current = conv.id;
+  state.currentModel = conv.model || els.model.value;
+  history.pushState({ conversation: conv.id }, "", conversationUrl(conv.id));
+  markActive();
+  updateEmptyState();
+}
+
+/** Switch the page to conversation `id`, or to a new chat for null. */
+export function openConversation(id, { push = true, replace = false } = {}) {
+  id = id || null;
+  if (id === state.current) {
+    setSidebar(false);
+    els.prompt.focus();
+    return;
+  }
+  if (state.current && socket.isOpen) socket.send({ type: "unsubscribe", conversation: state.current });
+  // Unconfirmed bubbles belong to the conversation we are leaving.
+  for (const [reqId, entry] of pending) {
+    if (entry.bubble && !entry.confirmed) entry.bubble = null;
+    if (entry.type === "subscribe") pending.delete(reqId);
+  }
+  state.current = id;
+  state.systemDirty = false;
+  state.systemLoaded = !id;
+  clearMessages();
+  hideNotice();
+  setSettingsStatus("");
+  const li = findConversationItem(id);
+  if (id) {
+    state.currentModel = (li && li.dataset.model) || state.currentModel;
+    setTitle(li ? $(".conversation-title", li).textContent : "");
+    els.system.value = "";
+    subscribe(id);
+  } else {
+    setTitle("");
+    els.system.value = "";
+    state.newChatModel = "";
+  }
+  fillModels();
+  const url = id ? conversationUrl(id) : config.chatUrl;
+  if (replace) history.replaceState({ conversation: id }, "", url);
+  else if (push) history.pushState({ conversation: id }, "", url);
+  markActive();
+  updateComposer();
+  setSidebar(false);
+  els.prompt.focus();
+}
