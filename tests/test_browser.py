@@ -563,6 +563,9 @@ def test_model_server_down_shows_an_error_and_retry(new_context, down_site):
         assert jargon not in shown, shown
     retry = reply.get_by_role("button", name="Retry")
     expect(retry).to_be_visible()
+    # A failed reply without text offers what makes sense: Retry, not Copy.
+    expect(reply.locator(".copy-answer")).to_be_hidden()
+    expect(reply.get_by_role("button")).to_have_count(1)
     failed_id = reply.get_attribute("data-id")
 
     retry.click()

@@ -192,6 +192,8 @@ function flushRender() {
     if (!state.messages.has(msg.id)) continue;
     msg.view.update(msg.content, { final: !LIVE.has(msg.status) });
     msg.el.classList.toggle("has-content", msg.content.length > 0);
+    // Nothing to copy from a reply that failed (or has not begun) without text.
+    $(".copy-answer", msg.el).hidden = msg.content.length === 0;
   }
   dirty.clear();
   followBottom();
