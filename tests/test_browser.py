@@ -608,6 +608,38 @@ def test_keyboard_enter_shift_enter_and_escape(page):
     expect(prompt).to_be_focused()
 
 
+HINT_BOX = """() => {
+    const hint = document.querySelector(".composer-hint");
+    const box = hint.getBoundingClientRect();
+    return {
+        text: hint.innerText.trim(),
+        lines: Math.round(box.height / parseFloat(getComputedStyle(hint).lineHeight)),
+        cut: hint.scrollWidth > hint.clientWidth,
+        inside: box.top >= 0 && box.bottom <= innerHeight
+            && box.left >= 0 && box.right <= innerWidth,
+    };
+}"""
+
+
+def test_phone_shows_a_keyboard_hint_that_fits(new_context, site):
+    login = new_context().new_page()
+    sign_up(login, site, unique("user"))
+    phone = new_context(
+        storage_state=login.context.storage_state(),
+        viewport={"width": 360, "height": 740},
+        is_mobile=True,
+        has_touch=True,
+    ).new_page()
+    phone.goto(site.url() + "/")
+    wait_until_ready(phone)
+    expect(phone.locator(".composer-hint")).to_be_visible()
+    hint = phone.evaluate(HINT_BOX)
+    assert hint["text"].startswith("Enter sends"), hint
+    # One whole line inside the screen, and no key a phone keyboard lacks.
+    assert hint["lines"] == 1 and not hint["cut"] and hint["inside"], hint
+    assert "Escape" not in hint["text"], hint
+
+
 def test_a_message_over_the_servers_limit_stays_in_the_box(page):
     limit = settings.CHAT_MAX_CONTENT
     too_long = "x" * (limit + 1)
