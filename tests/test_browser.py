@@ -9,7 +9,9 @@ import os
 import re
 import shutil
 import urllib.request
+from datetime import datetime, timedelta
 from urllib.parse import urlparse
+from zoneinfo import ZoneInfo
 
 import pytest
 from django.conf import settings
@@ -32,6 +34,7 @@ from tests.browser_support import (
     record_replies,
     samples,
     send,
+    set_updated,
     sign_up,
     site_message,
     unique,
@@ -352,7 +355,7 @@ def test_rename_and_delete_conversations(page, site):
     send(page, "First topic")
     finished(last_reply(page))
     first_id = conversation_id(page)
-    first = page.locator(f'#conversation-list > li[data-id="{first_id}"]')
+    first = page.locator(f'#conversation-list li[data-id="{first_id}"]')
     expect(first.locator(".conversation-title")).to_have_text("First topic")
 
     first.get_by_role("button", name="Rename conversation").click()
@@ -373,7 +376,7 @@ def test_rename_and_delete_conversations(page, site):
     send(page, "Second topic")
     finished(last_reply(page))
     second_id = conversation_id(page)
-    items = page.locator("#conversation-list > li")
+    items = page.locator("#conversation-list li[data-id]")
     expect(items).to_have_count(2)
     expect(items.first).to_have_attribute("data-id", second_id)  # newest first
 
@@ -400,6 +403,54 @@ def test_rename_and_delete_conversations(page, site):
     expect(items).to_have_count(0)
     for gone in (first_id, second_id):
         assert page.request.get(f"{site.url()}/c/{gone}/").status == 404
+
+
+SIDEBAR_FIT = """(li) => {
+    const title = li.querySelector(".conversation-title");
+    return {
+        cut: title.scrollWidth > title.clientWidth,
+        gap: li.getBoundingClientRect().right - title.getBoundingClientRect().right,
+    };
+}"""
+
+
+def test_sidebar_groups_by_day_and_uses_its_width(new_context, site):
+    zone = ZoneInfo("Europe/Berlin")
+    page = new_context(timezone_id=zone.key).new_page()
+    sign_up(page, site, unique("user"))
+    long_title = "How do swallows find their way back across the Mediterranean every spring"
+    topics = ["Older topic", "Last week's topic", "Yesterday's topic", long_title]
+    ids = []
+    for topic in topics:
+        page.locator("#new-chat").click()
+        send(page, topic)
+        finished(last_reply(page))
+        ids.append(conversation_id(page))
+    # Noon of a local day, so the groups do not depend on when the test runs.
+    noon = datetime.now(zone).replace(hour=12, minute=0, second=0, microsecond=0)
+    for conversation, days in zip(ids, (40, 4, 1), strict=False):
+        set_updated(site, conversation, noon - timedelta(days=days))
+    page.reload()
+    wait_until_ready(page)
+
+    groups = page.locator("#conversation-list .conversation-group")
+    expect(groups.locator("h2")).to_have_text(["Today", "Yesterday", "Previous 7 days", "Older"])
+    for group, topic in zip(groups.all(), reversed(topics), strict=True):
+        expect(group.locator(".conversation-title")).to_have_text([topic])
+    expect(page.get_by_role("group", name="Yesterday")).to_be_visible()
+
+    # A long title takes the whole item, ends at its edge and is in full in the tooltip.
+    page.mouse.move(900, 400)
+    page.locator("#prompt").focus()
+    item = page.locator(f'#conversation-list li[data-id="{ids[-1]}"]')
+    expect(item.locator(".conversation-link")).to_have_attribute("title", long_title)
+    fit = item.evaluate(SIDEBAR_FIT)
+    assert fit["cut"] and fit["gap"] < 16, fit
+    # Its buttons still appear for the pointer and the keyboard.
+    item.hover()
+    expect(item.get_by_role("button", name="Rename conversation")).to_be_visible()
+    shown = item.get_by_role("button", name="Delete conversation")
+    expect(shown).to_have_css("opacity", "1")
 
 
 def test_switching_model_applies_to_the_next_reply(page, site, fake_llm_server):
@@ -763,7 +814,7 @@ def test_screenshots_light_and_dark_desktop_and_phone(new_context, site):
     finished(last_reply(page))
     # As a user would tidy up: a readable title, and a model from the server's
     # list for the next reply (the fake's echo model is not listed).
-    item = page.locator("#conversation-list > li").first
+    item = page.locator("#conversation-list li[data-id]").first
     item.get_by_role("button", name="Rename conversation").click()
     item.get_by_label("Conversation title").fill("Binary search in Python")
     item.get_by_label("Conversation title").press("Enter")
@@ -798,7 +849,7 @@ def test_screenshots_light_and_dark_desktop_and_phone(new_context, site):
             if size == "phone" and scheme == "light":
                 # The collapsed sidebar opens over the conversation.
                 shot.locator("#sidebar-toggle").click()
-                expect(shot.locator("#conversation-list > li")).to_be_visible()
+                expect(shot.locator("#conversation-list li[data-id]")).to_be_visible()
                 sidebar = SCREENSHOTS / "chat-light-phone-sidebar.png"
                 shot.screenshot(path=str(sidebar), animations="disabled", caret="hide")
     # The dark theme follows the system setting.

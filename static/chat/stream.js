@@ -19,7 +19,13 @@ import {
 import { $, config, conversationUrl, els, LIVE, state } from "./page.js";
 import { pending, requestId, socket } from "./requests.js";
 import { setSettingsStatus } from "./settings.js";
-import { findConversationItem, markActive, setSidebar, updateSidebarEmpty, upsertConversation } from "./sidebar.js";
+import {
+  findConversationItem,
+  markActive,
+  removeConversationItem,
+  setSidebar,
+  upsertConversation,
+} from "./sidebar.js";
 import { applyConversation, fillModels, setLlm, setTitle } from "./toolbar.js";
 
 export function subscribe(id) {
@@ -212,8 +218,7 @@ const HANDLERS = {
       if (!entry.confirmed) giveBack(frame.id, entry, { notice: false });
       showNotice(text);
     } else if (entry.type === "subscribe" && frame.code === "not_found") {
-      findConversationItem(entry.conversation)?.remove();
-      updateSidebarEmpty();
+      removeConversationItem(findConversationItem(entry.conversation));
       if (state.current === entry.conversation) {
         openConversation(null, { replace: true });
         showNotice(text);
