@@ -299,15 +299,64 @@ def test_reload_mid_reply_continues_without_gap_or_repeat(page, site):
     assert site_message(site, reply_id)[1:3] == (expected_text(model), "complete")
 
 
+# What the conversation area holds when the page's own scripts have run,
+# before any frame from the socket could have arrived.
+AT_DOM_READY = """() => {
+    document.addEventListener("DOMContentLoaded", () => {
+        const box = document.querySelector("#messages");
+        window.__atReady = {
+            connection: document.querySelector("#connection-status").textContent,
+            messages: [...box.querySelectorAll(":scope > article")].map((a) => ({
+                role: a.classList.contains("user") ? "user" : "assistant",
+                text: a.querySelector(".content").textContent.trim(),
+                bold: a.querySelectorAll("strong").length,
+            })),
+        };
+    });
+}"""
+
+
+def first_message(new_context, site, model: str, text: str):
+    """A new user's tab, in a context of its own, that has sent `text` to `model`."""
+    page = new_context().new_page()
+    sign_up(page, site, unique("user"))
+    choose_model(page, model)
+    send(page, text)
+    return page
+
+
+def test_reload_shows_the_saved_messages_at_once(new_context, site):
+    page = first_message(new_context, site, "fake:echo=raw", "Say **this** back")
+    context = page.context
+    finished(last_reply(page))
+    url = page.url
+
+    # In the page itself: readable even before (or without) any script.
+    bare = new_context(storage_state=context.storage_state(), java_script_enabled=False).new_page()
+    bare.goto(url)
+    expect(bare.locator("#messages > article.user")).to_have_text("Say **this** back")
+    expect(bare.locator("#messages > article.assistant")).to_have_text("Say **this** back")
+
+    page.add_init_script(f"({AT_DOM_READY})()")
+    page.reload()
+    at_ready = page.evaluate("() => window.__atReady")
+    assert at_ready["connection"] == "connecting…", "the socket was faster than the page"
+    assert at_ready["messages"] == [
+        {"role": "user", "text": "Say **this** back", "bold": 0},
+        {"role": "assistant", "text": "Say this back", "bold": 1},
+    ]
+    # The socket's snapshot replaces them in place: nothing twice.
+    wait_until_ready(page)
+    expect(page.locator("#messages > article")).to_have_count(2)
+    expect(answer(last_reply(page)).locator("strong")).to_have_text("this")
+    expect(last_reply(page).get_by_role("button", name="Regenerate")).to_be_visible()
+
+
 def test_two_tabs_show_the_same_stream(new_context, site):
-    context = new_context()
-    first = context.new_page()
-    sign_up(first, site, unique("user"))
-    choose_model(first, "fake-slow")
-    send(first, "Hello, both of you")
+    first = first_message(new_context, site, "fake-slow", "Hello, both of you")
     expect(answer(last_reply(first))).to_contain_text("w2")
 
-    second = context.new_page()
+    second = first.context.new_page()
     second.goto(f"{site.url()}/c/{conversation_id(first)}/")
     wait_until_ready(second)
     record_replies(second)
@@ -325,14 +374,10 @@ def test_two_tabs_show_the_same_stream(new_context, site):
 
 
 def test_stop_in_the_other_tab_stops_the_reply(new_context, site):
-    context = new_context()
-    first = context.new_page()
-    sign_up(first, site, unique("user"))
-    choose_model(first, "fake-slow")
-    send(first, "Stop me from the other tab")
+    first = first_message(new_context, site, "fake-slow", "Stop me from the other tab")
     expect(answer(last_reply(first))).to_contain_text("w2")
 
-    second = context.new_page()
+    second = first.context.new_page()
     second.goto(f"{site.url()}/c/{conversation_id(first)}/")
     wait_until_ready(second)
     expect(last_reply(second)).to_have_attribute("data-status", "streaming")

@@ -30,13 +30,17 @@ export function createMessage(id, role) {
   const template = role === "user" ? els.tplUser : els.tplAssistant;
   const el = template.content.firstElementChild.cloneNode(true);
   el.dataset.id = id;
-  if (role === "assistant") {
+  // The server rendered the saved messages as plain text: take the place of one.
+  const saved = [...els.messages.querySelectorAll(":scope > article.saved")].find((a) => a.dataset.id === id);
+  if (saved) {
+    saved.replaceWith(el);
+  } else if (role === "assistant") {
     // Only one reply follows a user message: an assistant message right
     // before a new one was replaced by a regenerate.
     const previous = els.messages.lastElementChild;
     if (previous && previous.classList.contains("assistant")) removeMessage(previous.dataset.id, previous);
   }
-  els.messages.append(el);
+  if (!saved) els.messages.append(el);
   const msg = new Msg(id, role, el);
   state.messages.set(id, msg);
   updateEmptyState();
@@ -184,6 +188,12 @@ export function scheduleRender(msg) {
   const wait = nextFrameAt - performance.now();
   if (wait > 0) setTimeout(go, wait);
   else go();
+}
+
+/** Render what is waiting at once, not at the next frame: for the saved messages, before the first paint. */
+export function renderNow() {
+  frameQueued = false;
+  flushRender();
 }
 
 function flushRender() {

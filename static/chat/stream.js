@@ -13,6 +13,7 @@ import {
   collapseReasoningForAnswer,
   createMessage,
   removeMessage,
+  renderNow,
   scheduleRender,
   updateEmptyState,
 } from "./messages.js";
@@ -235,6 +236,14 @@ const HANDLERS = {
 export function handleFrame(frame) {
   const handler = HANDLERS[frame.type];
   if (handler) handler(frame);
+}
+
+/** Take over the saved messages the server rendered into the page, as if the socket had sent them. */
+export function showSavedMessages() {
+  const data = document.getElementById("saved-messages");
+  const saved = data ? JSON.parse(data.textContent) : [];
+  for (const message of saved) HANDLERS.message({ type: "message", conversation: state.current, message });
+  renderNow();
 }
 
 /** Our new-chat send created `conv`: show it as the current conversation unless the user moved on. */
