@@ -5,6 +5,7 @@ Every test signs up a user of its own on a site shared by the module. The
 tests are plain `def` functions: Playwright's sync API cannot run inside the
 event loop pytest-asyncio gives async tests."""
 
+import json
 import os
 import re
 import shutil
@@ -135,6 +136,15 @@ def browser():
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def limited_site(tmp_path_factory, fake_llm_server):
+    """A site that lets each user send one message a minute."""
+    with running_site(
+        tmp_path_factory.mktemp("limited-site"), fake_llm_server.base_url, CHAT_RATE_LIMIT="1"
+    ) as site:
+        yield site
 
 
 @pytest.fixture
@@ -734,6 +744,45 @@ def test_phone_shows_a_keyboard_hint_that_fits(new_context, site):
     # One whole line inside the screen, and no key a phone keyboard lacks.
     assert hint["lines"] == 1 and not hint["cut"] and hint["inside"], hint
     assert "Escape" not in hint["text"], hint
+
+
+WAIT_NOTICE = re.compile(r"^You're sending too fast — try again in [1-9][0-9]* s\.$")
+
+
+def test_rate_limit_says_how_long_to_wait(new_context, limited_site):
+    """Needs the server's `retry_after` (issue 8, item 5)."""
+    page = first_message(new_context, limited_site, "fake", "One")
+    finished(last_reply(page))
+    send(page, "Two, too soon")
+    expect(page.locator("#notice-text")).to_have_text(WAIT_NOTICE)
+    expect(page.locator("#prompt")).to_have_value("Two, too soon")
+
+
+def test_rate_limit_notice_uses_the_frames_retry_after(page):
+    """The page side alone: the server's answer to a send is replaced by a
+    rate_limited error carrying retry_after."""
+
+    def answer_sends(ws):
+        server = ws.connect_to_server()
+
+        def to_server(message):
+            frame = json.loads(message)
+            if frame.get("type") != "send":
+                server.send(message)
+                return
+            error = {"code": "rate_limited", "message": "Too many messages.", "retry_after": 42}
+            ws.send(json.dumps({"type": "error", "id": frame["id"], **error}))
+
+        ws.on_message(to_server)
+
+    page.route_web_socket(re.compile(r"/ws/chat/$"), answer_sends)
+    page.reload()
+    wait_until_ready(page)
+    send(page, "Too fast")
+    notice = page.locator("#notice-text")
+    expect(notice).to_have_text("You're sending too fast — try again in 42 s.")
+    expect(page.locator("#prompt")).to_have_value("Too fast")
+    expect(page.locator("#messages > article")).to_have_count(0)
 
 
 def test_a_message_over_the_servers_limit_stays_in_the_box(page):

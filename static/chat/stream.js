@@ -4,7 +4,7 @@
 // missed something.
 
 import { giveBack, updateComposer } from "./composer.js";
-import { announce, explainError, friendly, hideNotice, normaliseError, showNotice } from "./errors.js";
+import { announce, errorText, explainError, hideNotice, normaliseError, showNotice } from "./errors.js";
 import {
   adoptUserBubble,
   appendReasoning,
@@ -210,7 +210,7 @@ const HANDLERS = {
       updateComposer();
       return;
     }
-    const text = friendly(frame.code, frame.message || "Something went wrong.");
+    const text = errorText(frame);
     if (!entry) {
       showNotice(text);
       return;
