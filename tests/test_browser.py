@@ -508,6 +508,83 @@ def test_sidebar_groups_by_day_and_uses_its_width(new_context, site):
     expect(shown).to_have_css("opacity", "1")
 
 
+def test_other_tabs_follow_a_rename_new_settings_and_a_delete(new_context, site):
+    """Needs the server to broadcast them (issue 8, item 7)."""
+    first = first_message(new_context, site, "fake", "Shared topic")
+    finished(last_reply(first))
+    chat_id = conversation_id(first)
+    second = first.context.new_page()
+    second.goto(first.url)
+    wait_until_ready(second)
+    item = f'#conversation-list li[data-id="{chat_id}"]'
+
+    mine = first.locator(item)
+    mine.get_by_role("button", name="Rename conversation").click()
+    mine.get_by_label("Conversation title").fill("Renamed elsewhere")
+    mine.get_by_label("Conversation title").press("Enter")
+    expect(second.locator("#chat-title")).to_have_text("Renamed elsewhere")
+    expect(second.locator(f"{item} .conversation-title")).to_have_text("Renamed elsewhere")
+
+    first.locator("#settings > summary").click()
+    first.locator("#system").fill("Answer in French.")
+    first.locator("#save-settings").click()
+    expect(first.locator("#settings-status")).to_have_text("Saved.")
+    first.locator("#model").select_option("fake-long")
+    expect(second.locator("#system")).to_have_value("Answer in French.")
+    expect(second.locator("#model")).to_have_value("fake-long")
+
+    first.on("dialog", lambda dialog: dialog.accept())
+    mine.get_by_role("button", name="Delete conversation").click()
+    expect(second).to_have_url(site.url() + "/")
+    expect(second.locator("#notice-text")).to_have_text("This conversation was deleted.")
+    expect(second.locator(item)).to_have_count(0)
+    expect(second.locator("#chat-title")).to_have_text("New chat")
+    expect(second.locator("#messages > article")).to_have_count(0)
+    # The tab that deleted it says nothing of the kind.
+    expect(first).to_have_url(site.url() + "/")
+    expect(first.locator("#notice")).to_be_hidden()
+
+
+def test_conversation_and_deleted_frames_update_the_page(page, site):
+    """The page side alone, with the frames put into the socket by the test."""
+    send(page, "Topic to change")
+    finished(last_reply(page))
+    chat_id = conversation_id(page)
+    routes = []
+
+    def pass_through(ws):
+        routes.append(ws)
+        ws.connect_to_server()
+
+    page.route_web_socket(re.compile(r"/ws/chat/$"), pass_through)
+    page.reload()
+    wait_until_ready(page)
+    item = page.locator(f'#conversation-list li[data-id="{chat_id}"]')
+
+    changed = {
+        "id": chat_id,
+        "title": "Changed in another tab",
+        "model": "fake-long",
+        "system": "Be brief.",
+        "created": "2026-05-01T10:00:00+00:00",
+        "updated": "2026-05-01T10:00:00+00:00",
+    }
+    routes[-1].send(json.dumps({"type": "conversation", "conversation": changed}))
+    expect(page.locator("#chat-title")).to_have_text("Changed in another tab")
+    expect(item.locator(".conversation-title")).to_have_text("Changed in another tab")
+    expect(item.locator(".conversation-link")).to_have_attribute("title", "Changed in another tab")
+    expect(page.locator("#model")).to_have_value("fake-long")
+    expect(page.locator("#system")).to_have_value("Be brief.")
+
+    routes[-1].send(json.dumps({"type": "deleted", "conversation": chat_id}))
+    expect(page).to_have_url(site.url() + "/")
+    expect(page.locator("#notice-text")).to_have_text("This conversation was deleted.")
+    expect(item).to_have_count(0)
+    expect(page.locator("#no-conversations")).to_be_visible()
+    expect(page.locator("#chat-title")).to_have_text("New chat")
+    expect(page.locator("#messages > article")).to_have_count(0)
+
+
 def test_switching_model_applies_to_the_next_reply(page, site, fake_llm_server):
     send(page, "Hello")
     first = last_reply(page)

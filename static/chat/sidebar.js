@@ -180,6 +180,7 @@ async function deleteConversation(li, open) {
   const title = $(".conversation-title", li).textContent;
   if (!window.confirm(`Delete “${title}”? This cannot be undone.`)) return;
   const id = li.dataset.id;
+  state.deleting.add(id);
   try {
     await postForm(conversationUrl(id, "delete"));
   } catch (error) {
@@ -187,6 +188,8 @@ async function deleteConversation(li, open) {
       showNotice("Could not delete the conversation.");
       return;
     }
+  } finally {
+    state.deleting.delete(id);
   }
   const all = [...items()];
   const at = all.indexOf(li);

@@ -105,6 +105,17 @@ const HANDLERS = {
     if (entry && entry.type === "subscribe") pending.delete(frame.id);
   },
 
+  deleted(frame) {
+    const id = frame.conversation;
+    // A delete from this tab finishes in the sidebar, whichever of its answer and this frame comes first.
+    if (typeof id !== "string" || state.deleting.has(id)) return;
+    removeConversationItem(findConversationItem(id));
+    if (id === state.current) {
+      openConversation(null, { replace: true });
+      showNotice("This conversation was deleted.");
+    }
+  },
+
   message: onScreen((frame) => {
     const snap = frame.message;
     if (snap.role === "system" || !snap.id) return;
