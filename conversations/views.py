@@ -78,6 +78,9 @@ def _url_templates() -> dict[str, str]:
 
 
 def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpResponse:
+    # The saved messages go into the page itself, so a reload shows them at
+    # once instead of a blank conversation until the socket's snapshot.
+    saved = [m.as_frame() for m in conversation.visible_messages()] if conversation else []
     return render(
         request,
         "conversations/chat.html",
@@ -86,6 +89,7 @@ def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpR
                 "id", "title", "model", "updated"
             ),
             "conversation": conversation,
+            "saved_messages": [m for m in saved if m["role"] != "system"],
             "default_model": settings.DEFAULT_MODEL,
             "ws_path": "/ws/chat/",
             "limits": {

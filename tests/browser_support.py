@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -132,20 +133,40 @@ def all_prefixes(history: list[dict], full: str) -> bool:
 # ---------------------------------------------------------------- the site's database
 
 
-def site_message(site: Site, message_id: str) -> tuple[str, str, str, str] | None:
-    """(role, content, status, model) of one message, read from the site's own database."""
-    query = "SELECT role, content, status, model FROM conversations_message WHERE id = %s"
+def site_sql(site: Site, query: str, params: tuple) -> tuple | None:
+    """Run one statement on the site's own database; the first row it returns.
+    A uuid.UUID parameter is passed as each database keeps it."""
     url = site.env["DATABASE_URL"]
     if url.startswith("sqlite"):
+        # Django keeps a UUID as 32 hex digits, and a datetime as UTC text, in SQLite.
+        params = tuple(
+            p.hex
+            if isinstance(p, uuid.UUID)
+            else p.astimezone(UTC).replace(tzinfo=None).isoformat(" ")
+            if isinstance(p, datetime)
+            else p
+            for p in params
+        )
         with sqlite3.connect(urlparse(url).path) as db:
-            # Django keeps a UUID as 32 hex digits in SQLite.
-            row = db.execute(query.replace("%s", "?"), (uuid.UUID(message_id).hex,)).fetchone()
+            row = db.execute(query.replace("%s", "?"), params).fetchone()
     else:
         import psycopg
 
         with psycopg.connect(url) as db:
-            row = db.execute(query, (message_id,)).fetchone()
+            row = db.execute(query, params).fetchone()
     return tuple(row) if row else None
+
+
+def site_message(site: Site, message_id: str) -> tuple[str, str, str, str] | None:
+    """(role, content, status, model) of one message, read from the site's own database."""
+    query = "SELECT role, content, status, model FROM conversations_message WHERE id = %s"
+    return site_sql(site, query, (uuid.UUID(message_id),))
+
+
+def set_updated(site: Site, conversation: str, when: datetime) -> None:
+    """Make a conversation look last used at `when` (an aware datetime)."""
+    query = "UPDATE conversations_conversation SET updated = %s WHERE id = %s"
+    site_sql(site, query, (when, uuid.UUID(conversation)))
 
 
 def eventually(read, until, timeout: float = 10.0):

@@ -5,11 +5,14 @@ Every test signs up a user of its own on a site shared by the module. The
 tests are plain `def` functions: Playwright's sync API cannot run inside the
 event loop pytest-asyncio gives async tests."""
 
+import json
 import os
 import re
 import shutil
 import urllib.request
+from datetime import datetime, timedelta
 from urllib.parse import urlparse
+from zoneinfo import ZoneInfo
 
 import pytest
 from django.conf import settings
@@ -32,6 +35,7 @@ from tests.browser_support import (
     record_replies,
     samples,
     send,
+    set_updated,
     sign_up,
     site_message,
     unique,
@@ -132,6 +136,15 @@ def browser():
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def limited_site(tmp_path_factory, fake_llm_server):
+    """A site that lets each user send one message a minute."""
+    with running_site(
+        tmp_path_factory.mktemp("limited-site"), fake_llm_server.base_url, CHAT_RATE_LIMIT="1"
+    ) as site:
+        yield site
 
 
 @pytest.fixture
@@ -296,15 +309,64 @@ def test_reload_mid_reply_continues_without_gap_or_repeat(page, site):
     assert site_message(site, reply_id)[1:3] == (expected_text(model), "complete")
 
 
+# What the conversation area holds when the page's own scripts have run,
+# before any frame from the socket could have arrived.
+AT_DOM_READY = """() => {
+    document.addEventListener("DOMContentLoaded", () => {
+        const box = document.querySelector("#messages");
+        window.__atReady = {
+            connection: document.querySelector("#connection-status").textContent,
+            messages: [...box.querySelectorAll(":scope > article")].map((a) => ({
+                role: a.classList.contains("user") ? "user" : "assistant",
+                text: a.querySelector(".content").textContent.trim(),
+                bold: a.querySelectorAll("strong").length,
+            })),
+        };
+    });
+}"""
+
+
+def first_message(new_context, site, model: str, text: str):
+    """A new user's tab, in a context of its own, that has sent `text` to `model`."""
+    page = new_context().new_page()
+    sign_up(page, site, unique("user"))
+    choose_model(page, model)
+    send(page, text)
+    return page
+
+
+def test_reload_shows_the_saved_messages_at_once(new_context, site):
+    page = first_message(new_context, site, "fake:echo=raw", "Say **this** back")
+    context = page.context
+    finished(last_reply(page))
+    url = page.url
+
+    # In the page itself: readable even before (or without) any script.
+    bare = new_context(storage_state=context.storage_state(), java_script_enabled=False).new_page()
+    bare.goto(url)
+    expect(bare.locator("#messages > article.user")).to_have_text("Say **this** back")
+    expect(bare.locator("#messages > article.assistant")).to_have_text("Say **this** back")
+
+    page.add_init_script(f"({AT_DOM_READY})()")
+    page.reload()
+    at_ready = page.evaluate("() => window.__atReady")
+    assert at_ready["connection"] == "connecting…", "the socket was faster than the page"
+    assert at_ready["messages"] == [
+        {"role": "user", "text": "Say **this** back", "bold": 0},
+        {"role": "assistant", "text": "Say this back", "bold": 1},
+    ]
+    # The socket's snapshot replaces them in place: nothing twice.
+    wait_until_ready(page)
+    expect(page.locator("#messages > article")).to_have_count(2)
+    expect(answer(last_reply(page)).locator("strong")).to_have_text("this")
+    expect(last_reply(page).get_by_role("button", name="Regenerate")).to_be_visible()
+
+
 def test_two_tabs_show_the_same_stream(new_context, site):
-    context = new_context()
-    first = context.new_page()
-    sign_up(first, site, unique("user"))
-    choose_model(first, "fake-slow")
-    send(first, "Hello, both of you")
+    first = first_message(new_context, site, "fake-slow", "Hello, both of you")
     expect(answer(last_reply(first))).to_contain_text("w2")
 
-    second = context.new_page()
+    second = first.context.new_page()
     second.goto(f"{site.url()}/c/{conversation_id(first)}/")
     wait_until_ready(second)
     record_replies(second)
@@ -322,14 +384,10 @@ def test_two_tabs_show_the_same_stream(new_context, site):
 
 
 def test_stop_in_the_other_tab_stops_the_reply(new_context, site):
-    context = new_context()
-    first = context.new_page()
-    sign_up(first, site, unique("user"))
-    choose_model(first, "fake-slow")
-    send(first, "Stop me from the other tab")
+    first = first_message(new_context, site, "fake-slow", "Stop me from the other tab")
     expect(answer(last_reply(first))).to_contain_text("w2")
 
-    second = context.new_page()
+    second = first.context.new_page()
     second.goto(f"{site.url()}/c/{conversation_id(first)}/")
     wait_until_ready(second)
     expect(last_reply(second)).to_have_attribute("data-status", "streaming")
@@ -352,7 +410,7 @@ def test_rename_and_delete_conversations(page, site):
     send(page, "First topic")
     finished(last_reply(page))
     first_id = conversation_id(page)
-    first = page.locator(f'#conversation-list > li[data-id="{first_id}"]')
+    first = page.locator(f'#conversation-list li[data-id="{first_id}"]')
     expect(first.locator(".conversation-title")).to_have_text("First topic")
 
     first.get_by_role("button", name="Rename conversation").click()
@@ -373,7 +431,7 @@ def test_rename_and_delete_conversations(page, site):
     send(page, "Second topic")
     finished(last_reply(page))
     second_id = conversation_id(page)
-    items = page.locator("#conversation-list > li")
+    items = page.locator("#conversation-list li[data-id]")
     expect(items).to_have_count(2)
     expect(items.first).to_have_attribute("data-id", second_id)  # newest first
 
@@ -400,6 +458,131 @@ def test_rename_and_delete_conversations(page, site):
     expect(items).to_have_count(0)
     for gone in (first_id, second_id):
         assert page.request.get(f"{site.url()}/c/{gone}/").status == 404
+
+
+SIDEBAR_FIT = """(li) => {
+    const title = li.querySelector(".conversation-title");
+    return {
+        cut: title.scrollWidth > title.clientWidth,
+        gap: li.getBoundingClientRect().right - title.getBoundingClientRect().right,
+    };
+}"""
+
+
+def test_sidebar_groups_by_day_and_uses_its_width(new_context, site):
+    zone = ZoneInfo("Europe/Berlin")
+    page = new_context(timezone_id=zone.key).new_page()
+    sign_up(page, site, unique("user"))
+    long_title = "How do swallows find their way back across the Mediterranean every spring"
+    topics = ["Older topic", "Last week's topic", "Yesterday's topic", long_title]
+    ids = []
+    for topic in topics:
+        page.locator("#new-chat").click()
+        send(page, topic)
+        finished(last_reply(page))
+        ids.append(conversation_id(page))
+    # Noon of a local day, so the groups do not depend on when the test runs.
+    noon = datetime.now(zone).replace(hour=12, minute=0, second=0, microsecond=0)
+    for conversation, days in zip(ids, (40, 4, 1), strict=False):
+        set_updated(site, conversation, noon - timedelta(days=days))
+    page.reload()
+    wait_until_ready(page)
+
+    groups = page.locator("#conversation-list .conversation-group")
+    expect(groups.locator("h2")).to_have_text(["Today", "Yesterday", "Previous 7 days", "Older"])
+    for group, topic in zip(groups.all(), reversed(topics), strict=True):
+        expect(group.locator(".conversation-title")).to_have_text([topic])
+    expect(page.get_by_role("group", name="Yesterday")).to_be_visible()
+
+    # A long title takes the whole item, ends at its edge and is in full in the tooltip.
+    page.mouse.move(900, 400)
+    page.locator("#prompt").focus()
+    item = page.locator(f'#conversation-list li[data-id="{ids[-1]}"]')
+    expect(item.locator(".conversation-link")).to_have_attribute("title", long_title)
+    fit = item.evaluate(SIDEBAR_FIT)
+    assert fit["cut"] and fit["gap"] < 16, fit
+    # Its buttons still appear for the pointer and the keyboard.
+    item.hover()
+    expect(item.get_by_role("button", name="Rename conversation")).to_be_visible()
+    shown = item.get_by_role("button", name="Delete conversation")
+    expect(shown).to_have_css("opacity", "1")
+
+
+def test_other_tabs_follow_a_rename_new_settings_and_a_delete(new_context, site):
+    """Needs the server to broadcast them (issue 8, item 7)."""
+    first = first_message(new_context, site, "fake", "Shared topic")
+    finished(last_reply(first))
+    chat_id = conversation_id(first)
+    second = first.context.new_page()
+    second.goto(first.url)
+    wait_until_ready(second)
+    item = f'#conversation-list li[data-id="{chat_id}"]'
+
+    mine = first.locator(item)
+    mine.get_by_role("button", name="Rename conversation").click()
+    mine.get_by_label("Conversation title").fill("Renamed elsewhere")
+    mine.get_by_label("Conversation title").press("Enter")
+    expect(second.locator("#chat-title")).to_have_text("Renamed elsewhere")
+    expect(second.locator(f"{item} .conversation-title")).to_have_text("Renamed elsewhere")
+
+    first.locator("#settings > summary").click()
+    first.locator("#system").fill("Answer in French.")
+    first.locator("#save-settings").click()
+    expect(first.locator("#settings-status")).to_have_text("Saved.")
+    first.locator("#model").select_option("fake-long")
+    expect(second.locator("#system")).to_have_value("Answer in French.")
+    expect(second.locator("#model")).to_have_value("fake-long")
+
+    first.on("dialog", lambda dialog: dialog.accept())
+    mine.get_by_role("button", name="Delete conversation").click()
+    expect(second).to_have_url(site.url() + "/")
+    expect(second.locator("#notice-text")).to_have_text("This conversation was deleted.")
+    expect(second.locator(item)).to_have_count(0)
+    expect(second.locator("#chat-title")).to_have_text("New chat")
+    expect(second.locator("#messages > article")).to_have_count(0)
+    # The tab that deleted it says nothing of the kind.
+    expect(first).to_have_url(site.url() + "/")
+    expect(first.locator("#notice")).to_be_hidden()
+
+
+def test_conversation_and_deleted_frames_update_the_page(page, site):
+    """The page side alone, with the frames put into the socket by the test."""
+    send(page, "Topic to change")
+    finished(last_reply(page))
+    chat_id = conversation_id(page)
+    routes = []
+
+    def pass_through(ws):
+        routes.append(ws)
+        ws.connect_to_server()
+
+    page.route_web_socket(re.compile(r"/ws/chat/$"), pass_through)
+    page.reload()
+    wait_until_ready(page)
+    item = page.locator(f'#conversation-list li[data-id="{chat_id}"]')
+
+    changed = {
+        "id": chat_id,
+        "title": "Changed in another tab",
+        "model": "fake-long",
+        "system": "Be brief.",
+        "created": "2026-05-01T10:00:00+00:00",
+        "updated": "2026-05-01T10:00:00+00:00",
+    }
+    routes[-1].send(json.dumps({"type": "conversation", "conversation": changed}))
+    expect(page.locator("#chat-title")).to_have_text("Changed in another tab")
+    expect(item.locator(".conversation-title")).to_have_text("Changed in another tab")
+    expect(item.locator(".conversation-link")).to_have_attribute("title", "Changed in another tab")
+    expect(page.locator("#model")).to_have_value("fake-long")
+    expect(page.locator("#system")).to_have_value("Be brief.")
+
+    routes[-1].send(json.dumps({"type": "deleted", "conversation": chat_id}))
+    expect(page).to_have_url(site.url() + "/")
+    expect(page.locator("#notice-text")).to_have_text("This conversation was deleted.")
+    expect(item).to_have_count(0)
+    expect(page.locator("#no-conversations")).to_be_visible()
+    expect(page.locator("#chat-title")).to_have_text("New chat")
+    expect(page.locator("#messages > article")).to_have_count(0)
 
 
 def test_switching_model_applies_to_the_next_reply(page, site, fake_llm_server):
@@ -563,6 +746,9 @@ def test_model_server_down_shows_an_error_and_retry(new_context, down_site):
         assert jargon not in shown, shown
     retry = reply.get_by_role("button", name="Retry")
     expect(retry).to_be_visible()
+    # A failed reply without text offers what makes sense: Retry, not Copy.
+    expect(reply.locator(".copy-answer")).to_be_hidden()
+    expect(reply.get_by_role("button")).to_have_count(1)
     failed_id = reply.get_attribute("data-id")
 
     retry.click()
@@ -603,6 +789,77 @@ def test_keyboard_enter_shift_enter_and_escape(page):
     page.keyboard.press("Escape")
     finished(reply, "stopped")
     expect(prompt).to_be_focused()
+
+
+HINT_BOX = """() => {
+    const hint = document.querySelector(".composer-hint");
+    const box = hint.getBoundingClientRect();
+    return {
+        text: hint.innerText.trim(),
+        lines: Math.round(box.height / parseFloat(getComputedStyle(hint).lineHeight)),
+        cut: hint.scrollWidth > hint.clientWidth,
+        inside: box.top >= 0 && box.bottom <= innerHeight
+            && box.left >= 0 && box.right <= innerWidth,
+    };
+}"""
+
+
+def test_phone_shows_a_keyboard_hint_that_fits(new_context, site):
+    login = new_context().new_page()
+    sign_up(login, site, unique("user"))
+    phone = new_context(
+        storage_state=login.context.storage_state(),
+        viewport={"width": 360, "height": 740},
+        is_mobile=True,
+        has_touch=True,
+    ).new_page()
+    phone.goto(site.url() + "/")
+    wait_until_ready(phone)
+    expect(phone.locator(".composer-hint")).to_be_visible()
+    hint = phone.evaluate(HINT_BOX)
+    assert hint["text"].startswith("Enter sends"), hint
+    # One whole line inside the screen, and no key a phone keyboard lacks.
+    assert hint["lines"] == 1 and not hint["cut"] and hint["inside"], hint
+    assert "Escape" not in hint["text"], hint
+
+
+WAIT_NOTICE = re.compile(r"^You're sending too fast — try again in [1-9][0-9]* s\.$")
+
+
+def test_rate_limit_says_how_long_to_wait(new_context, limited_site):
+    """Needs the server's `retry_after` (issue 8, item 5)."""
+    page = first_message(new_context, limited_site, "fake", "One")
+    finished(last_reply(page))
+    send(page, "Two, too soon")
+    expect(page.locator("#notice-text")).to_have_text(WAIT_NOTICE)
+    expect(page.locator("#prompt")).to_have_value("Two, too soon")
+
+
+def test_rate_limit_notice_uses_the_frames_retry_after(page):
+    """The page side alone: the server's answer to a send is replaced by a
+    rate_limited error carrying retry_after."""
+
+    def answer_sends(ws):
+        server = ws.connect_to_server()
+
+        def to_server(message):
+            frame = json.loads(message)
+            if frame.get("type") != "send":
+                server.send(message)
+                return
+            error = {"code": "rate_limited", "message": "Too many messages.", "retry_after": 42}
+            ws.send(json.dumps({"type": "error", "id": frame["id"], **error}))
+
+        ws.on_message(to_server)
+
+    page.route_web_socket(re.compile(r"/ws/chat/$"), answer_sends)
+    page.reload()
+    wait_until_ready(page)
+    send(page, "Too fast")
+    notice = page.locator("#notice-text")
+    expect(notice).to_have_text("You're sending too fast — try again in 42 s.")
+    expect(page.locator("#prompt")).to_have_value("Too fast")
+    expect(page.locator("#messages > article")).to_have_count(0)
 
 
 def test_a_message_over_the_servers_limit_stays_in_the_box(page):
@@ -728,7 +985,7 @@ def test_screenshots_light_and_dark_desktop_and_phone(new_context, site):
     finished(last_reply(page))
     # As a user would tidy up: a readable title, and a model from the server's
     # list for the next reply (the fake's echo model is not listed).
-    item = page.locator("#conversation-list > li").first
+    item = page.locator("#conversation-list li[data-id]").first
     item.get_by_role("button", name="Rename conversation").click()
     item.get_by_label("Conversation title").fill("Binary search in Python")
     item.get_by_label("Conversation title").press("Enter")
@@ -763,7 +1020,7 @@ def test_screenshots_light_and_dark_desktop_and_phone(new_context, site):
             if size == "phone" and scheme == "light":
                 # The collapsed sidebar opens over the conversation.
                 shot.locator("#sidebar-toggle").click()
-                expect(shot.locator("#conversation-list > li")).to_be_visible()
+                expect(shot.locator("#conversation-list li[data-id]")).to_be_visible()
                 sidebar = SCREENSHOTS / "chat-light-phone-sidebar.png"
                 shot.screenshot(path=str(sidebar), animations="disabled", caret="hide")
     # The dark theme follows the system setting.

@@ -15,7 +15,7 @@ import { pending, socket } from "./requests.js";
 import { installScroll } from "./scroll.js";
 import { installSettings } from "./settings.js";
 import { installSidebar, markActive, updateSidebarEmpty } from "./sidebar.js";
-import { handleFrame, openConversation, subscribe } from "./stream.js";
+import { handleFrame, openConversation, showSavedMessages, subscribe } from "./stream.js";
 import { fillModels, setConnection, setTitle } from "./toolbar.js";
 
 socket.addEventListener("open", () => {
@@ -60,6 +60,7 @@ history.replaceState({ conversation: state.current }, "", location.href);
 setTitle(state.current ? root.dataset.conversationTitle : "");
 setConnection("connecting");
 fillModels();
+showSavedMessages();
 markActive();
 updateSidebarEmpty();
 updateEmptyState();

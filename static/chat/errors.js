@@ -20,6 +20,15 @@ export const FRIENDLY = {
 
 export const friendly = (code, fallback = "Something went wrong.") => FRIENDLY[code] || fallback;
 
+/** What to tell the user about an `error` frame; a rate limit says how long to wait when the server knows. */
+export function errorText(frame) {
+  const wait = frame.retry_after;
+  if (frame.code === "rate_limited" && Number.isInteger(wait) && wait >= 1) {
+    return `You're sending too fast — try again in ${wait} s.`;
+  }
+  return friendly(frame.code, frame.message || "Something went wrong.");
+}
+
 /** A message's or frame's error in one shape, {code, message}; null when there is none. */
 export function normaliseError(error, status) {
   if (error && typeof error === "object") return { code: error.code || "", message: error.message || "" };

@@ -30,13 +30,17 @@ export function createMessage(id, role) {
   const template = role === "user" ? els.tplUser : els.tplAssistant;
   const el = template.content.firstElementChild.cloneNode(true);
   el.dataset.id = id;
-  if (role === "assistant") {
+  // The server rendered the saved messages as plain text: take the place of one.
+  const saved = [...els.messages.querySelectorAll(":scope > article.saved")].find((a) => a.dataset.id === id);
+  if (saved) {
+    saved.replaceWith(el);
+  } else if (role === "assistant") {
     // Only one reply follows a user message: an assistant message right
     // before a new one was replaced by a regenerate.
     const previous = els.messages.lastElementChild;
     if (previous && previous.classList.contains("assistant")) removeMessage(previous.dataset.id, previous);
   }
-  els.messages.append(el);
+  if (!saved) els.messages.append(el);
   const msg = new Msg(id, role, el);
   state.messages.set(id, msg);
   updateEmptyState();
@@ -186,12 +190,20 @@ export function scheduleRender(msg) {
   else go();
 }
 
+/** Render what is waiting at once, not at the next frame: for the saved messages, before the first paint. */
+export function renderNow() {
+  frameQueued = false;
+  flushRender();
+}
+
 function flushRender() {
   const started = performance.now();
   for (const msg of dirty) {
     if (!state.messages.has(msg.id)) continue;
     msg.view.update(msg.content, { final: !LIVE.has(msg.status) });
     msg.el.classList.toggle("has-content", msg.content.length > 0);
+    // Nothing to copy from a reply that failed (or has not begun) without text.
+    $(".copy-answer", msg.el).hidden = msg.content.length === 0;
   }
   dirty.clear();
   followBottom();

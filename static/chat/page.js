@@ -96,4 +96,5 @@ export const state = {
   stick: true, // follow the bottom of the conversation
   wasBusy: false,
   probedLogin: false,
+  deleting: new Set(), // conversations this tab is deleting: it leaves them itself, without a notice
 };

@@ -4,7 +4,7 @@
 // missed something.
 
 import { giveBack, updateComposer } from "./composer.js";
-import { announce, explainError, friendly, hideNotice, normaliseError, showNotice } from "./errors.js";
+import { announce, errorText, explainError, hideNotice, normaliseError, showNotice } from "./errors.js";
 import {
   adoptUserBubble,
   appendReasoning,
@@ -13,13 +13,20 @@ import {
   collapseReasoningForAnswer,
   createMessage,
   removeMessage,
+  renderNow,
   scheduleRender,
   updateEmptyState,
 } from "./messages.js";
 import { $, config, conversationUrl, els, LIVE, state } from "./page.js";
 import { pending, requestId, socket } from "./requests.js";
 import { setSettingsStatus } from "./settings.js";
-import { findConversationItem, markActive, setSidebar, updateSidebarEmpty, upsertConversation } from "./sidebar.js";
+import {
+  findConversationItem,
+  markActive,
+  removeConversationItem,
+  setSidebar,
+  upsertConversation,
+} from "./sidebar.js";
 import { applyConversation, fillModels, setLlm, setTitle } from "./toolbar.js";
 
 export function subscribe(id) {
@@ -96,6 +103,17 @@ const HANDLERS = {
     }
     if (conv.id === state.current) applyConversation(conv);
     if (entry && entry.type === "subscribe") pending.delete(frame.id);
+  },
+
+  deleted(frame) {
+    const id = frame.conversation;
+    // A delete from this tab finishes in the sidebar, whichever of its answer and this frame comes first.
+    if (typeof id !== "string" || state.deleting.has(id)) return;
+    removeConversationItem(findConversationItem(id));
+    if (id === state.current) {
+      openConversation(null, { replace: true });
+      showNotice("This conversation was deleted.");
+    }
   },
 
   message: onScreen((frame) => {
@@ -203,7 +221,7 @@ const HANDLERS = {
       updateComposer();
       return;
     }
-    const text = friendly(frame.code, frame.message || "Something went wrong.");
+    const text = errorText(frame);
     if (!entry) {
       showNotice(text);
       return;
@@ -212,8 +230,7 @@ const HANDLERS = {
       if (!entry.confirmed) giveBack(frame.id, entry, { notice: false });
       showNotice(text);
     } else if (entry.type === "subscribe" && frame.code === "not_found") {
-      findConversationItem(entry.conversation)?.remove();
-      updateSidebarEmpty();
+      removeConversationItem(findConversationItem(entry.conversation));
       if (state.current === entry.conversation) {
         openConversation(null, { replace: true });
         showNotice(text);
@@ -230,6 +247,14 @@ const HANDLERS = {
 export function handleFrame(frame) {
   const handler = HANDLERS[frame.type];
   if (handler) handler(frame);
+}
+
+/** Take over the saved messages the server rendered into the page, as if the socket had sent them. */
+export function showSavedMessages() {
+  const data = document.getElementById("saved-messages");
+  const saved = data ? JSON.parse(data.textContent) : [];
+  for (const message of saved) HANDLERS.message({ type: "message", conversation: state.current, message });
+  renderNow();
 }
 
 /** Our new-chat send created `conv`: show it as the current conversation unless the user moved on. */
