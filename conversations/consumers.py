@@ -63,7 +63,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         try:
             frame = protocol.decode(text_data)
         except FrameError as exc:
-            await self.send_json(protocol.error_frame(exc.code, exc.message))
+            await self.send_json(exc.frame())
             return
         await self.receive_json(frame)
 
@@ -73,7 +73,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             handler = self.handlers[protocol.frame_type(frame)]
             await handler(self, frame, request_id)
         except FrameError as exc:
-            await self.send_json(protocol.error_frame(exc.code, exc.message, request_id))
+            await self.send_json(exc.frame(request_id))
         except Exception:
             # A database or Redis failure must not close the socket and
             # every subscription on it: say so and stay usable.
@@ -178,8 +178,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             raise FrameError(ErrorCode.NOT_FOUND, protocol.NOT_FOUND_TEXT) from None
 
     async def check_rate(self) -> None:
-        if not await allow_send(self.user.pk):
-            raise FrameError(ErrorCode.RATE_LIMITED, protocol.RATE_LIMITED_TEXT)
+        allowance = await allow_send(self.user.pk)
+        if not allowance.allowed:
+            raise protocol.rate_limited(allowance.retry_after)
 
     def start_reply(self, conversation: Conversation, reply: Message, request_id: str | None):
         self.held.hold(str(reply.pk), 0, str(conversation.pk))

@@ -470,7 +470,39 @@ async def test_rate_limit(alice, fake_llm, settings):
         await receive_until(ws, "end")
         error = await send(ws, "three", conversation=conversation_id)
     assert error["code"] == "rate_limited"
+    assert 1 <= error["retry_after"] <= 60
+    assert f"wait {error['retry_after']} second" in error["message"]
     assert not await Message.objects.filter(content="three").aexists()
+
+
+async def test_a_burst_of_sends_over_several_sockets_passes_exactly_the_limit(
+    alice, fake_llm, settings
+):
+    settings.CHAT_RATE_LIMIT = 5
+
+    async def answers(ws, socket: int) -> list[dict]:
+        ids = {f"s{socket}-{n}" for n in range(4)}
+        for request_id in sorted(ids):
+            frame = {"type": "send", "id": request_id, "conversation": None, "content": "hi"}
+            await ws.send_json_to(frame)
+        first = {}
+        while ids - first.keys():
+            frame = await ws.receive_json_from(timeout=10)
+            if frame["type"] in ("conversation", "error"):
+                first.setdefault(frame["id"], frame)
+        return list(first.values())
+
+    async with (
+        chat_socket(alice) as a,
+        chat_socket(alice) as b,
+        chat_socket(alice) as c,
+        chat_socket(alice) as d,
+    ):
+        results = await asyncio.gather(*(answers(ws, n) for n, ws in enumerate((a, b, c, d))))
+        await finish_replies()
+    kinds = [frame["type"] for frames in results for frame in frames]
+    assert kinds.count("conversation") == 5 and kinds.count("error") == 11
+    assert await Conversation.objects.filter(owner=alice).acount() == 5
 
 
 async def test_refused_connection_is_upstream_unavailable_and_keeps_the_question(alice):
