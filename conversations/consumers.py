@@ -148,13 +148,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_frame(await self.current_frame(message), request_id)
 
     async def on_unsubscribe(self, frame: dict, request_id: str | None) -> None:
-        conversation_id = protocol.conversation_id(frame)
-        if conversation_id in self.subscriptions:
-            self.subscriptions.discard(conversation_id)
-            self.held.release_conversation(conversation_id)
-            await self.channel_layer.group_discard(
-                replies.conversation_group(conversation_id), self.channel_name
-            )
+        await self.leave(protocol.conversation_id(frame))
 
     async def on_ping(self, frame: dict, request_id: str | None) -> None:
         await self.send_frame(protocol.pong_frame(), request_id)
@@ -232,6 +226,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             replies.conversation_group(conversation_id), self.channel_name
         )
 
+    async def leave(self, conversation_id: str) -> bool:
+        """Unsubscribe; False if the socket was not subscribed."""
+        if conversation_id not in self.subscriptions:
+            return False
+        self.subscriptions.discard(conversation_id)
+        self.held.release_conversation(conversation_id)
+        await self.channel_layer.group_discard(
+            replies.conversation_group(conversation_id), self.channel_name
+        )
+        return True
+
     async def current_frame(self, message: Message) -> protocol.MessageFrame:
         """The message frame of a message as it is now; the socket holds
         what that frame holds."""
@@ -271,6 +276,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         elif frame["type"] == "end":
             self.held.release(frame["message"])
         await self.send_json(frame)
+
+    async def chat_deleted(self, event: dict) -> None:
+        if await self.leave(event["conversation"]):
+            await self.send_json(protocol.deleted_frame(event["conversation"]))
 
     async def token_revoked(self, event: dict) -> None:
         await self.close(code=protocol.CLOSE_TOKEN_REVOKED)

@@ -341,5 +341,9 @@ def error_frame(
     return frame
 
 
+def deleted_frame(conversation_id: Any) -> dict[str, str]:
+    return {"type": "deleted", "conversation": str(conversation_id)}
+
+
 def pong_frame() -> dict[str, str]:
     return {"type": "pong"}

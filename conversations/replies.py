@@ -76,6 +76,13 @@ async def broadcast(conversation_id: Any, frame: dict[str, Any], skip: str | Non
     await get_channel_layer().group_send(conversation_group(conversation_id), event)
 
 
+async def announce_deleted(conversation_id: str) -> None:
+    """Every socket subscribed to the conversation, in any process, is told
+    it is gone and leaves it."""
+    event = {"type": "chat.deleted", "conversation": conversation_id}
+    await get_channel_layer().group_send(conversation_group(conversation_id), event)
+
+
 def _stop_key(message_id: Any) -> str:
     return f"chat-stop:{message_id}"
 

@@ -116,8 +116,7 @@ def rename(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     form = RenameForm(request.POST)
     if not form.is_valid():
         raise Refused.from_form(form)
-    conversation.title = form.cleaned_data["title"]
-    conversation.save(update_fields=["title"])
+    conversation.rename(form.cleaned_data["title"])
     if _wants_json(request):
         return JsonResponse({"id": str(conversation.pk), "title": conversation.title})
     return redirect(conversation)
@@ -143,11 +142,7 @@ def conversation_settings(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     form = SettingsForm(request.POST)
     if not form.is_valid():
         raise Refused.from_form(form)
-    changes = form.changes()
-    for field, value in changes.items():
-        setattr(conversation, field, value)
-    if changes:
-        conversation.save(update_fields=list(changes))
+    conversation.change_settings(form.changes())
     if _wants_json(request):
         return JsonResponse(conversation.as_frame())
     return redirect(conversation)

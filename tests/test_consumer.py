@@ -643,9 +643,55 @@ async def test_deleting_a_conversation_mid_reply_stops_the_model(alice, fake_llm
         url = reverse("conversations:delete", args=[conversation_id])
         response = await sync_to_async(client.post)(url, HTTP_ACCEPT="application/json")
         assert response.status_code == 200
-        await receive_until(ws, "end")
+        await receive_until(ws, "deleted")
     assert await asyncio.to_thread(fake_llm.wait_cancelled)
     assert not await Message.objects.filter(conversation_id=conversation_id).aexists()
+
+
+async def post_json(user, name: str, conversation_id: str, **data):
+    client = await sync_to_async(logged_in)(user)
+    url = reverse(f"conversations:{name}", args=[conversation_id])
+    return await sync_to_async(client.post)(url, data, HTTP_ACCEPT="application/json")
+
+
+async def subscribed_tab(ws, conversation_id: str) -> None:
+    await ws.send_json_to({"type": "subscribe", "conversation": conversation_id})
+    await receive_until(ws, "message")
+    await receive_until(ws, "message")
+
+
+@pytest.mark.parametrize(
+    "name, data, field, value",
+    [
+        pytest.param("rename", {"title": "Plans"}, "title", "Plans", id="rename"),
+        pytest.param("settings", {"model": "fake-think"}, "model", "fake-think", id="model"),
+        pytest.param("settings", {"system": "Be brief."}, "system", "Be brief.", id="system"),
+    ],
+)
+async def test_a_change_made_on_the_page_reaches_every_subscribed_tab(
+    alice, fake_llm, name, data, field, value
+):
+    async with chat_socket(alice) as ws, chat_socket(alice) as other:
+        conversation_id = await new_conversation(ws)
+        await subscribed_tab(other, conversation_id)
+        response = await post_json(alice, name, conversation_id, **data)
+        assert response.status_code == 200
+        frames = [(await receive_until(tab, "conversation"))[-1] for tab in (ws, other)]
+    assert [f["conversation"][field] for f in frames] == [value, value]
+    assert {f["conversation"]["id"] for f in frames} == {conversation_id}
+
+
+async def test_a_deleted_conversation_leaves_every_tab_however_it_is_deleted(alice, fake_llm):
+    async with chat_socket(alice) as ws, chat_socket(alice) as other:
+        conversation_id = await new_conversation(ws)
+        await subscribed_tab(other, conversation_id)
+        # Not the view: a bulk delete, as the admin's or a user's deletion does.
+        await sync_to_async(Conversation.objects.filter(pk=conversation_id).delete)()
+        frames = [(await receive_until(tab, "deleted"))[-1] for tab in (ws, other)]
+        # Both tabs have left it: a later event for it reaches neither.
+        await replies.broadcast(conversation_id, {"type": "pong"})
+        assert await ws.receive_nothing() and await other.receive_nothing()
+    assert frames == [{"type": "deleted", "conversation": conversation_id}] * 2
 
 
 async def test_a_busy_send_changes_nothing(alice, fake_llm):
