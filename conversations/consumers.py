@@ -93,6 +93,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def on_send(self, frame: dict, request_id: str | None) -> None:
         request = protocol.send_request(frame)
         await self.check_rate()
+        if request.model is not None and not await llm.model_exists(request.model):
+            raise protocol.model_not_found(request.model)
         default_model = await llm.default_model()
         try:
             turn = await database_sync_to_async(Conversation.objects.begin_send)(

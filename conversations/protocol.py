@@ -72,6 +72,10 @@ def bad_request(message: str) -> FrameError:
     return FrameError(ErrorCode.BAD_REQUEST, message)
 
 
+def model_not_found(model: str) -> FrameError:
+    return FrameError(ErrorCode.MODEL_NOT_FOUND, f"The model server has no model {model[:80]!r}.")
+
+
 def rate_limited(retry_after: int) -> FrameError:
     unit = "second" if retry_after == 1 else "seconds"
     message = f"Too many messages; wait {retry_after} {unit} and try again."

@@ -256,6 +256,9 @@ class ReplyWriter:
                 if isinstance(piece, llm.Usage):
                     self.usage = piece
                     continue
+                if isinstance(piece, llm.ServedBy):
+                    self.message.model = piece.model[: protocol.MAX_MODEL]
+                    continue
                 if self.first_token is None:
                     self.first_token = time.monotonic()
                 self.pending_content += piece.content
@@ -374,7 +377,7 @@ class ReplyWriter:
         message.duration_ms = round((now - self.started) * 1000)
         message.prompt_tokens = self.usage.prompt_tokens
         message.completion_tokens = self.usage.completion_tokens
-        fields = ["status", "error_code", "error", "ttft_ms", "duration_ms"]
+        fields = ["status", "model", "error_code", "error", "ttft_ms", "duration_ms"]
         fields += ["prompt_tokens", "completion_tokens"]
         for attempt in range(3):
             try:

@@ -2,6 +2,7 @@ import uuid
 from collections.abc import Callable
 from functools import wraps
 
+from asgiref.sync import async_to_sync
 from django import forms
 from django.conf import settings
 from django.contrib.auth import login
@@ -13,9 +14,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from . import llm
 from .forms import MODEL_LENGTH, RenameForm, SettingsForm, TokenForm
 from .models import TITLE_LENGTH, ApiToken, Conversation
-from .protocol import NOT_FOUND_TEXT, ErrorCode
+from .protocol import NOT_FOUND_TEXT, ErrorCode, model_not_found
 
 # The page's JS puts a conversation's id in place of this one.
 PLACEHOLDER_ID = uuid.UUID(int=0)
@@ -142,7 +144,11 @@ def conversation_settings(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     form = SettingsForm(request.POST)
     if not form.is_valid():
         raise Refused.from_form(form)
-    conversation.change_settings(form.changes())
+    changes = form.changes()
+    if "model" in changes and not async_to_sync(llm.model_exists)(changes["model"]):
+        refusal = model_not_found(changes["model"])
+        raise Refused(refusal.code, refusal.message)
+    conversation.change_settings(changes)
     if _wants_json(request):
         return JsonResponse(conversation.as_frame())
     return redirect(conversation)

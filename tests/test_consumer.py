@@ -523,14 +523,16 @@ async def test_refused_connection_is_upstream_unavailable_and_keeps_the_question
 @pytest.mark.parametrize(
     "model, code",
     [
+        # Chosen when the server had it: a send naming no model is not checked.
         ("llama-not-pulled", "model_not_found"),
         ("fake:fault=500", "upstream_error"),
         ("fake:fault=html", "upstream_error"),
     ],
 )
 async def test_upstream_failures_before_any_text(alice, fake_llm, model, code):
+    conversation = await Conversation.objects.acreate(owner=alice, model=model)
     async with chat_socket(alice) as ws:
-        await send(ws, "hi", model=model)
+        await send(ws, "hi", conversation=str(conversation.pk))
         frames = await receive_until(ws, "end")
         error = await ws.receive_json_from()
     assert frames[-1]["status"] == "error" and frames[-1]["error"]["code"] == code
@@ -744,3 +746,30 @@ async def test_an_internal_failure_is_logged_not_shown(alice, fake_llm, monkeypa
     assert (end["status"], end["error"]["code"]) == ("error", "upstream_error")
     assert all("secret" not in json.dumps(f) for f in frames)
     assert "secret internals" in caplog.text
+
+
+async def test_a_send_naming_a_model_the_server_lacks_is_refused_and_saves_nothing(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        error = await send(ws, "hi", model="gpt-4")
+        conversation_id = await new_conversation(ws, model="fake")
+        refused = await send(ws, "more", conversation=conversation_id, model="gpt-4")
+    assert (error["code"], refused["code"]) == ("model_not_found", "model_not_found")
+    assert await Conversation.objects.acount() == 1
+    conversation = await Conversation.objects.aget()
+    assert conversation.model == "fake"
+    assert not await Message.objects.filter(content="more").aexists()
+
+
+async def test_any_model_name_is_taken_when_the_servers_list_cannot_be_had(alice):
+    async with chat_socket(alice) as ws:
+        first = await send(ws, "hi", model="gpt-4")
+        await receive_until(ws, "end", timeout=10)
+    assert first["type"] == "conversation" and first["conversation"]["model"] == "gpt-4"
+
+
+async def test_a_reply_stores_the_model_the_server_says_answered(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        await send(ws, "hi", model="fake:served=smollm2")
+        frames = await receive_until(ws, "end")
+    reply = await Message.objects.aget(pk=frames[-1]["message"])
+    assert reply.model == "smollm2"
