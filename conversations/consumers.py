@@ -63,7 +63,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         try:
             frame = protocol.decode(text_data)
         except FrameError as exc:
-            await self.send_json(protocol.error_frame(exc.code, exc.message))
+            await self.send_json(exc.frame())
             return
         await self.receive_json(frame)
 
@@ -73,7 +73,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             handler = self.handlers[protocol.frame_type(frame)]
             await handler(self, frame, request_id)
         except FrameError as exc:
-            await self.send_json(protocol.error_frame(exc.code, exc.message, request_id))
+            await self.send_json(exc.frame(request_id))
         except Exception:
             # A database or Redis failure must not close the socket and
             # every subscription on it: say so and stay usable.
@@ -93,6 +93,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def on_send(self, frame: dict, request_id: str | None) -> None:
         request = protocol.send_request(frame)
         await self.check_rate()
+        if request.model is not None and not await llm.model_exists(request.model):
+            raise protocol.model_not_found(request.model)
         default_model = await llm.default_model()
         try:
             turn = await database_sync_to_async(Conversation.objects.begin_send)(
@@ -148,13 +150,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_frame(await self.current_frame(message), request_id)
 
     async def on_unsubscribe(self, frame: dict, request_id: str | None) -> None:
-        conversation_id = protocol.conversation_id(frame)
-        if conversation_id in self.subscriptions:
-            self.subscriptions.discard(conversation_id)
-            self.held.release_conversation(conversation_id)
-            await self.channel_layer.group_discard(
-                replies.conversation_group(conversation_id), self.channel_name
-            )
+        await self.leave(protocol.conversation_id(frame))
 
     async def on_ping(self, frame: dict, request_id: str | None) -> None:
         await self.send_frame(protocol.pong_frame(), request_id)
@@ -178,8 +174,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             raise FrameError(ErrorCode.NOT_FOUND, protocol.NOT_FOUND_TEXT) from None
 
     async def check_rate(self) -> None:
-        if not await allow_send(self.user.pk):
-            raise FrameError(ErrorCode.RATE_LIMITED, protocol.RATE_LIMITED_TEXT)
+        allowance = await allow_send(self.user.pk)
+        if not allowance.allowed:
+            raise protocol.rate_limited(allowance.retry_after)
 
     def start_reply(self, conversation: Conversation, reply: Message, request_id: str | None):
         self.held.hold(str(reply.pk), 0, str(conversation.pk))
@@ -231,6 +228,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             replies.conversation_group(conversation_id), self.channel_name
         )
 
+    async def leave(self, conversation_id: str) -> bool:
+        """Unsubscribe; False if the socket was not subscribed."""
+        if conversation_id not in self.subscriptions:
+            return False
+        self.subscriptions.discard(conversation_id)
+        self.held.release_conversation(conversation_id)
+        await self.channel_layer.group_discard(
+            replies.conversation_group(conversation_id), self.channel_name
+        )
+        return True
+
     async def current_frame(self, message: Message) -> protocol.MessageFrame:
         """The message frame of a message as it is now; the socket holds
         what that frame holds."""
@@ -270,6 +278,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         elif frame["type"] == "end":
             self.held.release(frame["message"])
         await self.send_json(frame)
+
+    async def chat_deleted(self, event: dict) -> None:
+        if await self.leave(event["conversation"]):
+            await self.send_json(protocol.deleted_frame(event["conversation"]))
 
     async def token_revoked(self, event: dict) -> None:
         await self.close(code=protocol.CLOSE_TOKEN_REVOKED)

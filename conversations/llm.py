@@ -36,6 +36,14 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class ServedBy:
+    """The model id the server says it answered with, which may not be the
+    name asked for (a server with one model answers to any name)."""
+
+    model: str
+
+
+@dataclass(frozen=True)
 class Usage:
     prompt_tokens: int | None
     completion_tokens: int | None
@@ -135,6 +143,21 @@ async def list_models() -> list[str]:
     return models
 
 
+async def model_exists(model: str) -> bool:
+    """False only when the server is known to lack the model: it is not in
+    the server's list, and asking for it by name (GET /v1/models/{model})
+    finds nothing. A server that cannot be reached lacks nothing."""
+    try:
+        if model in await list_models():
+            return True
+        await _client().models.retrieve(model)
+    except openai.NotFoundError:
+        return False
+    except (LLMError, openai.OpenAIError):
+        return True
+    return True
+
+
 def forget_models() -> None:
     _models_cache.clear()
 
@@ -208,15 +231,16 @@ def _reasoning_of(delta: Any) -> str:
 
 async def stream_chat(
     messages: list[dict[str, str]], model: str, options: dict[str, Any] | None = None
-) -> AsyncIterator[Delta | Usage]:
-    """Yield Delta pieces of the answer as they arrive, then one Usage.
+) -> AsyncIterator[Delta | ServedBy | Usage]:
+    """Yield Delta pieces of the answer as they arrive, with one ServedBy
+    when the server first names its model, then one Usage.
     Raises LLMError. Closing the generator closes the HTTP request, which
     is how the model server learns that the user pressed Stop."""
     params = {k: v for k, v in (options or {}).items() if k in OPTION_RANGES and v is not None}
     splitter = ThinkSplitter()
     chunks = 0
     usage: Usage | None = None
-    finished = started = False
+    finished = started = named = False
     try:
         stream = await _client().chat.completions.create(
             model=model,
@@ -228,6 +252,9 @@ async def stream_chat(
         started = True
         async with stream:
             async for chunk in stream:
+                if not named and chunk.model:
+                    named = True
+                    yield ServedBy(chunk.model)
                 if chunk.usage is not None:
                     usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                 for choice in chunk.choices[:1]:

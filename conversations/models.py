@@ -159,6 +159,26 @@ class Conversation(models.Model):
             turns.pop(0)
         return system + turns
 
+    def rename(self, title: str) -> None:
+        self.title = title
+        self.save(update_fields=["title"])
+        self.announce()
+
+    def change_settings(self, changes: dict[str, Any]) -> None:
+        for field, value in changes.items():
+            setattr(self, field, value)
+        if changes:
+            self.save(update_fields=list(changes))
+            self.announce()
+
+    def announce(self) -> None:
+        """Send the conversation as it now is to every tab subscribed to it,
+        in any process, once the change is committed."""
+        from . import protocol, replies
+
+        frame = protocol.conversation_frame(self)
+        transaction.on_commit(partial(async_to_sync(replies.broadcast), self.pk, frame))
+
     def stop_and_delete(self) -> None:
         """Delete the conversation, stopping its live reply now rather than
         when the reply next fails to save into a row that is gone."""
@@ -434,6 +454,15 @@ class ApiToken(models.Model):
 def close_token_sockets(group: str) -> None:
     """Sockets opened with a token close now, in whichever process."""
     async_to_sync(get_channel_layer().group_send)(group, {"type": "token.revoked"})
+
+
+@receiver(post_delete, sender=Conversation)
+def tell_subscribers_of_deletion(sender, instance: Conversation, **kwargs) -> None:
+    # However it is deleted: the view, the admin, a user's deletion.
+    from . import replies
+
+    announce = async_to_sync(replies.announce_deleted)
+    transaction.on_commit(partial(announce, str(instance.pk)))
 
 
 @receiver(post_delete, sender=ApiToken)

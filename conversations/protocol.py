@@ -51,7 +51,6 @@ class ErrorCode(models.TextChoices):
 INTERRUPTED_TEXT = "The server stopped while this reply was being written."
 NOT_FOUND_TEXT = "No such conversation."
 BUSY_TEXT = "A reply is still being written in this conversation."
-RATE_LIMITED_TEXT = "Too many messages; wait a minute and try again."
 SERVER_ERROR_TEXT = "Something went wrong on the server; try again."
 NOTHING_TO_ANSWER_TEXT = "There is no message to answer in this conversation."
 
@@ -59,14 +58,28 @@ NOTHING_TO_ANSWER_TEXT = "There is no message to answer in this conversation."
 class FrameError(Exception):
     """A client frame that is refused: becomes an `error` frame."""
 
-    def __init__(self, code: ErrorCode, message: str):
+    def __init__(self, code: ErrorCode, message: str, retry_after: int | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after = retry_after
+
+    def frame(self, request_id: str | None = None) -> "ErrorFrame":
+        return error_frame(self.code, self.message, request_id, retry_after=self.retry_after)
 
 
 def bad_request(message: str) -> FrameError:
     return FrameError(ErrorCode.BAD_REQUEST, message)
+
+
+def model_not_found(model: str) -> FrameError:
+    return FrameError(ErrorCode.MODEL_NOT_FOUND, f"The model server has no model {model[:80]!r}.")
+
+
+def rate_limited(retry_after: int) -> FrameError:
+    unit = "second" if retry_after == 1 else "seconds"
+    message = f"Too many messages; wait {retry_after} {unit} and try again."
+    return FrameError(ErrorCode.RATE_LIMITED, message, retry_after)
 
 
 # Client frames.
@@ -250,6 +263,7 @@ class ErrorFrame(TypedDict):
     message: str
     conversation: NotRequired[str]
     id: NotRequired[str]
+    retry_after: NotRequired[int]
 
 
 def ready_frame(user: str, models: list[str], default_model: str, llm: str) -> ReadyFrame:
@@ -315,14 +329,24 @@ def end_frame(message: "Message") -> EndFrame:
 
 
 def error_frame(
-    code: str, message: str, request_id: str | None = None, conversation: Any = None
+    code: str,
+    message: str,
+    request_id: str | None = None,
+    conversation: Any = None,
+    retry_after: int | None = None,
 ) -> ErrorFrame:
     frame: ErrorFrame = {"type": "error", "code": str(code), "message": message}
     if conversation is not None:
         frame["conversation"] = str(conversation)
     if request_id is not None:
         frame["id"] = request_id
+    if retry_after is not None:
+        frame["retry_after"] = retry_after
     return frame
+
+
+def deleted_frame(conversation_id: Any) -> dict[str, str]:
+    return {"type": "deleted", "conversation": str(conversation_id)}
 
 
 def pong_frame() -> dict[str, str]:

@@ -76,6 +76,13 @@ async def broadcast(conversation_id: Any, frame: dict[str, Any], skip: str | Non
     await get_channel_layer().group_send(conversation_group(conversation_id), event)
 
 
+async def announce_deleted(conversation_id: str) -> None:
+    """Every socket subscribed to the conversation, in any process, is told
+    it is gone and leaves it."""
+    event = {"type": "chat.deleted", "conversation": conversation_id}
+    await get_channel_layer().group_send(conversation_group(conversation_id), event)
+
+
 def _stop_key(message_id: Any) -> str:
     return f"chat-stop:{message_id}"
 
@@ -97,11 +104,32 @@ async def snapshot(conversation_id: Any, message_id: Any, wait: float = 1.0) -> 
         control_group(conversation_id),
         {"type": "reply.snapshot", "reply_to": inbox, "message": str(message_id)},
     )
+    receiving = asyncio.ensure_future(layer.receive(inbox))
+    if not (await asyncio.wait({receiving}, timeout=wait))[0]:
+        # Nobody answered: post our own empty answer rather than cancel the
+        # receive (see receive_uncancelled).
+        await layer.send(inbox, {"type": "reply.snapshot", "frame": None})
+    answer = await receive_uncancelled(receiving)
+    return answer["frame"] if answer else None
+
+
+async def receive_uncancelled(receiving: asyncio.Future, timeout: float = 10.0) -> Any:
+    """Wait for a channel-layer receive that has been sent something to end
+    it. A receive must not be cancelled: channels-redis pops the next message
+    for any channel of this process from one shared Redis queue, and a
+    receive cancelled while it waits for that pop loses the message, which
+    may be another socket's delta (django/channels_redis#366). Cancelled only
+    if it has not ended after timeout seconds (Redis gone, say)."""
+    if not (await asyncio.wait({receiving}, timeout=timeout))[0]:
+        logger.warning("a channel-layer receive did not end; cancelling it")
+        receiving.cancel()
     try:
-        answer = await asyncio.wait_for(layer.receive(inbox), wait)
-    except TimeoutError:
+        return await receiving
+    except asyncio.CancelledError:
         return None
-    return answer["frame"]
+    except Exception:
+        logger.exception("a channel-layer receive failed")
+        return None
 
 
 async def current(message: Message) -> dict[str, Any]:
@@ -203,11 +231,20 @@ class ReplyWriter:
             self.reasoning += self.pending_reasoning
             self.pending_content = self.pending_reasoning = ""
         finally:
-            for task in (listener, pump, self.stream):
+            for task in (pump, self.stream):
                 if task is not None and not task.done():
                     task.cancel()
-            await self.layer.group_discard(control_group(self.conversation_id), control)
+            await self._stop_listening(listener, control)
         await self._finish(status, error)
+
+    async def _stop_listening(self, listener: asyncio.Task, control: str) -> None:
+        try:
+            await self.layer.group_discard(control_group(self.conversation_id), control)
+            await self.layer.send(control, {"type": "reply.close"})
+        except Exception:  # the reply is saved all the same
+            logger.exception("reply %s: could not close its control channel", self.message_id)
+            listener.cancel()
+        await receive_uncancelled(listener)
 
     def _history(self) -> list[dict[str, str]]:
         return Conversation.objects.get(pk=self.conversation_id).history()
@@ -218,6 +255,9 @@ class ReplyWriter:
             async for piece in chunks:
                 if isinstance(piece, llm.Usage):
                     self.usage = piece
+                    continue
+                if isinstance(piece, llm.ServedBy):
+                    self.message.model = piece.model[: protocol.MAX_MODEL]
                     continue
                 if self.first_token is None:
                     self.first_token = time.monotonic()
@@ -300,6 +340,8 @@ class ReplyWriter:
     async def _listen(self, control: str) -> None:
         while True:
             event = await self.layer.receive(control)
+            if event["type"] == "reply.close":
+                return
             if event["type"] == "reply.stop":
                 self._cancel(Message.Status.STOPPED)
             elif event["type"] == "reply.snapshot" and event.get("message") == self.message_id:
@@ -335,7 +377,7 @@ class ReplyWriter:
         message.duration_ms = round((now - self.started) * 1000)
         message.prompt_tokens = self.usage.prompt_tokens
         message.completion_tokens = self.usage.completion_tokens
-        fields = ["status", "error_code", "error", "ttft_ms", "duration_ms"]
+        fields = ["status", "model", "error_code", "error", "ttft_ms", "duration_ms"]
         fields += ["prompt_tokens", "completion_tokens"]
         for attempt in range(3):
             try:

@@ -2,6 +2,7 @@ import uuid
 from collections.abc import Callable
 from functools import wraps
 
+from asgiref.sync import async_to_sync
 from django import forms
 from django.conf import settings
 from django.contrib.auth import login
@@ -13,9 +14,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from . import llm
 from .forms import MODEL_LENGTH, RenameForm, SettingsForm, TokenForm
 from .models import TITLE_LENGTH, ApiToken, Conversation
-from .protocol import NOT_FOUND_TEXT, ErrorCode
+from .protocol import NOT_FOUND_TEXT, ErrorCode, model_not_found
 
 # The page's JS puts a conversation's id in place of this one.
 PLACEHOLDER_ID = uuid.UUID(int=0)
@@ -120,8 +122,7 @@ def rename(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     form = RenameForm(request.POST)
     if not form.is_valid():
         raise Refused.from_form(form)
-    conversation.title = form.cleaned_data["title"]
-    conversation.save(update_fields=["title"])
+    conversation.rename(form.cleaned_data["title"])
     if _wants_json(request):
         return JsonResponse({"id": str(conversation.pk), "title": conversation.title})
     return redirect(conversation)
@@ -148,10 +149,10 @@ def conversation_settings(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     if not form.is_valid():
         raise Refused.from_form(form)
     changes = form.changes()
-    for field, value in changes.items():
-        setattr(conversation, field, value)
-    if changes:
-        conversation.save(update_fields=list(changes))
+    if "model" in changes and not async_to_sync(llm.model_exists)(changes["model"]):
+        refusal = model_not_found(changes["model"])
+        raise Refused(refusal.code, refusal.message)
+    conversation.change_settings(changes)
     if _wants_json(request):
         return JsonResponse(conversation.as_frame())
     return redirect(conversation)

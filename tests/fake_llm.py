@@ -15,6 +15,7 @@ import json
 import threading
 import time
 import traceback
+import urllib.parse
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -38,6 +39,7 @@ class Spec:
     after: int = 3  # chunks sent before a cut/malformed/stall fault
     stall: float = 30.0
     echo: str | None = None  # "1" (words) | "raw" (5-character chunks)
+    served: str | None = None  # the model id the chunks report, as a one-model server does
 
 
 def parse_model(model: str) -> Spec:
@@ -253,6 +255,17 @@ class FakeLLM:
             info = {"object": "model", "created": 0, "owned_by": "fake"}
             data = [{"id": m, **info} for m in MODELS]
             return await _send(writer, 200, {"object": "list", "data": data})
+        if method == "GET" and path.startswith("/v1/models/"):
+            # Unlisted names with parameters are models too: found when
+            # asked for by name, as a server with a partial list answers.
+            model = urllib.parse.unquote(path.removeprefix("/v1/models/"))
+            try:
+                parse_model(model)
+            except (LookupError, ValueError):
+                error = _error(f'model "{model}" not found', "not_found_error", "model_not_found")
+                return await _send(writer, 404, error)
+            info = {"id": model, "object": "model", "created": 0, "owned_by": "fake"}
+            return await _send(writer, 200, info)
         if method != "POST" or path != "/v1/chat/completions":
             error = _error("not found", "invalid_request_error")
             return await _send(writer, 404, error)
@@ -318,7 +331,8 @@ class FakeLLM:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: _Reply
     ) -> None:
         """Raise _ClientGone or ConnectionError if the client leaves early."""
-        model, spec = reply.model, reply.spec
+        spec = reply.spec
+        model = spec.served or reply.model
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"

@@ -470,7 +470,39 @@ async def test_rate_limit(alice, fake_llm, settings):
         await receive_until(ws, "end")
         error = await send(ws, "three", conversation=conversation_id)
     assert error["code"] == "rate_limited"
+    assert 1 <= error["retry_after"] <= 60
+    assert f"wait {error['retry_after']} second" in error["message"]
     assert not await Message.objects.filter(content="three").aexists()
+
+
+async def test_a_burst_of_sends_over_several_sockets_passes_exactly_the_limit(
+    alice, fake_llm, settings
+):
+    settings.CHAT_RATE_LIMIT = 5
+
+    async def answers(ws, socket: int) -> list[dict]:
+        ids = {f"s{socket}-{n}" for n in range(4)}
+        for request_id in sorted(ids):
+            frame = {"type": "send", "id": request_id, "conversation": None, "content": "hi"}
+            await ws.send_json_to(frame)
+        first = {}
+        while ids - first.keys():
+            frame = await ws.receive_json_from(timeout=10)
+            if frame["type"] in ("conversation", "error"):
+                first.setdefault(frame["id"], frame)
+        return list(first.values())
+
+    async with (
+        chat_socket(alice) as a,
+        chat_socket(alice) as b,
+        chat_socket(alice) as c,
+        chat_socket(alice) as d,
+    ):
+        results = await asyncio.gather(*(answers(ws, n) for n, ws in enumerate((a, b, c, d))))
+        await finish_replies()
+    kinds = [frame["type"] for frames in results for frame in frames]
+    assert kinds.count("conversation") == 5 and kinds.count("error") == 11
+    assert await Conversation.objects.filter(owner=alice).acount() == 5
 
 
 async def test_refused_connection_is_upstream_unavailable_and_keeps_the_question(alice):
@@ -491,14 +523,16 @@ async def test_refused_connection_is_upstream_unavailable_and_keeps_the_question
 @pytest.mark.parametrize(
     "model, code",
     [
+        # Chosen when the server had it: a send naming no model is not checked.
         ("llama-not-pulled", "model_not_found"),
         ("fake:fault=500", "upstream_error"),
         ("fake:fault=html", "upstream_error"),
     ],
 )
 async def test_upstream_failures_before_any_text(alice, fake_llm, model, code):
+    conversation = await Conversation.objects.acreate(owner=alice, model=model)
     async with chat_socket(alice) as ws:
-        await send(ws, "hi", model=model)
+        await send(ws, "hi", conversation=str(conversation.pk))
         frames = await receive_until(ws, "end")
         error = await ws.receive_json_from()
     assert frames[-1]["status"] == "error" and frames[-1]["error"]["code"] == code
@@ -538,7 +572,8 @@ async def test_a_fast_long_reply_is_sent_and_saved_whole(alice, fake_llm, settin
         await ws.receive_json_from()
         frames = await receive_until(ws, "end", timeout=60)
     deltas = [f for f in frames if f["type"] == "delta"]
-    assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+    # Every delta up to the end's seq, the last one too.
+    assert [d["seq"] for d in deltas] == list(range(1, frames[-1]["seq"] + 1))
     assert streamed_text(frames) == expected_text(model)
     reply = await Message.objects.aget(pk=frames[-1]["message"])
     assert reply.content == expected_text(model) and reply.seq == len(deltas)
@@ -610,9 +645,55 @@ async def test_deleting_a_conversation_mid_reply_stops_the_model(alice, fake_llm
         url = reverse("conversations:delete", args=[conversation_id])
         response = await sync_to_async(client.post)(url, HTTP_ACCEPT="application/json")
         assert response.status_code == 200
-        await receive_until(ws, "end")
+        await receive_until(ws, "deleted")
     assert await asyncio.to_thread(fake_llm.wait_cancelled)
     assert not await Message.objects.filter(conversation_id=conversation_id).aexists()
+
+
+async def post_json(user, name: str, conversation_id: str, **data):
+    client = await sync_to_async(logged_in)(user)
+    url = reverse(f"conversations:{name}", args=[conversation_id])
+    return await sync_to_async(client.post)(url, data, HTTP_ACCEPT="application/json")
+
+
+async def subscribed_tab(ws, conversation_id: str) -> None:
+    await ws.send_json_to({"type": "subscribe", "conversation": conversation_id})
+    await receive_until(ws, "message")
+    await receive_until(ws, "message")
+
+
+@pytest.mark.parametrize(
+    "name, data, field, value",
+    [
+        pytest.param("rename", {"title": "Plans"}, "title", "Plans", id="rename"),
+        pytest.param("settings", {"model": "fake-think"}, "model", "fake-think", id="model"),
+        pytest.param("settings", {"system": "Be brief."}, "system", "Be brief.", id="system"),
+    ],
+)
+async def test_a_change_made_on_the_page_reaches_every_subscribed_tab(
+    alice, fake_llm, name, data, field, value
+):
+    async with chat_socket(alice) as ws, chat_socket(alice) as other:
+        conversation_id = await new_conversation(ws)
+        await subscribed_tab(other, conversation_id)
+        response = await post_json(alice, name, conversation_id, **data)
+        assert response.status_code == 200
+        frames = [(await receive_until(tab, "conversation"))[-1] for tab in (ws, other)]
+    assert [f["conversation"][field] for f in frames] == [value, value]
+    assert {f["conversation"]["id"] for f in frames} == {conversation_id}
+
+
+async def test_a_deleted_conversation_leaves_every_tab_however_it_is_deleted(alice, fake_llm):
+    async with chat_socket(alice) as ws, chat_socket(alice) as other:
+        conversation_id = await new_conversation(ws)
+        await subscribed_tab(other, conversation_id)
+        # Not the view: a bulk delete, as the admin's or a user's deletion does.
+        await sync_to_async(Conversation.objects.filter(pk=conversation_id).delete)()
+        frames = [(await receive_until(tab, "deleted"))[-1] for tab in (ws, other)]
+        # Both tabs have left it: a later event for it reaches neither.
+        await replies.broadcast(conversation_id, {"type": "pong"})
+        assert await ws.receive_nothing() and await other.receive_nothing()
+    assert frames == [{"type": "deleted", "conversation": conversation_id}] * 2
 
 
 async def test_a_busy_send_changes_nothing(alice, fake_llm):
@@ -665,3 +746,30 @@ async def test_an_internal_failure_is_logged_not_shown(alice, fake_llm, monkeypa
     assert (end["status"], end["error"]["code"]) == ("error", "upstream_error")
     assert all("secret" not in json.dumps(f) for f in frames)
     assert "secret internals" in caplog.text
+
+
+async def test_a_send_naming_a_model_the_server_lacks_is_refused_and_saves_nothing(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        error = await send(ws, "hi", model="gpt-4")
+        conversation_id = await new_conversation(ws, model="fake")
+        refused = await send(ws, "more", conversation=conversation_id, model="gpt-4")
+    assert (error["code"], refused["code"]) == ("model_not_found", "model_not_found")
+    assert await Conversation.objects.acount() == 1
+    conversation = await Conversation.objects.aget()
+    assert conversation.model == "fake"
+    assert not await Message.objects.filter(content="more").aexists()
+
+
+async def test_any_model_name_is_taken_when_the_servers_list_cannot_be_had(alice):
+    async with chat_socket(alice) as ws:
+        first = await send(ws, "hi", model="gpt-4")
+        await receive_until(ws, "end", timeout=10)
+    assert first["type"] == "conversation" and first["conversation"]["model"] == "gpt-4"
+
+
+async def test_a_reply_stores_the_model_the_server_says_answered(alice, fake_llm):
+    async with chat_socket(alice) as ws:
+        await send(ws, "hi", model="fake:served=smollm2")
+        frames = await receive_until(ws, "end")
+    reply = await Message.objects.aget(pk=frames[-1]["message"])
+    assert reply.model == "smollm2"

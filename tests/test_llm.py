@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from conversations import llm
-from conversations.llm import Delta, LLMError, ThinkSplitter, Usage
+from conversations.llm import Delta, LLMError, ServedBy, ThinkSplitter, Usage
 from tests.conftest import free_port
 from tests.fake_llm import MODELS, FakeLLM, expected_text, reasoning_for, tokens_for
 
@@ -71,6 +71,22 @@ async def test_list_models_cache_expires(fake_llm, settings):
     assert caught.value.code == "upstream_unavailable"
 
 
+@pytest.mark.parametrize(
+    "model, exists",
+    [
+        pytest.param("fake-think", True, id="listed"),
+        pytest.param("fake:n=3", True, id="unlisted-but-found-by-name"),
+        pytest.param("gpt-4", False, id="lacking"),
+    ],
+)
+async def test_model_exists_asks_the_server(fake_llm, model, exists):
+    assert await llm.model_exists(model) is exists
+
+
+async def test_every_model_exists_when_the_server_cannot_be_reached():
+    assert await llm.model_exists("gpt-4")
+
+
 async def test_list_models_without_a_server_is_upstream_unavailable():
     with pytest.raises(LLMError) as caught:
         await llm.list_models()
@@ -102,12 +118,18 @@ async def test_default_model_without_setting_or_server_is_empty(settings):
 async def test_stream_chat_yields_the_text_then_the_usage(fake_llm):
     items = await collect("fake")
 
-    deltas, usage = items[:-1], items[-1]
+    served, deltas, usage = items[0], items[1:-1], items[-1]
+    assert served == ServedBy("fake")
     assert all(isinstance(d, Delta) for d in deltas)
     assert text_of(deltas) == expected_text("fake")
     assert text_of(deltas, "reasoning") == ""
     assert usage == Usage(prompt_tokens=3, completion_tokens=len(tokens_for("fake")))
     assert len(deltas) == len(tokens_for("fake"))  # one delta per token, none merged
+
+
+async def test_stream_chat_says_once_which_model_the_server_answered_with(fake_llm):
+    items = await collect("fake:served=smollm2")
+    assert [i for i in items if isinstance(i, ServedBy)] == [ServedBy("smollm2")]
 
 
 async def test_stream_chat_asks_for_usage_and_streams(fake_llm):
@@ -206,7 +228,7 @@ async def test_non_sse_answer_is_upstream_error(fake_llm):
 
 async def test_closing_the_stream_early_cancels_the_request(fake_llm):
     stream = llm.stream_chat(MESSAGES, "fake-slow")
-    first = [await anext(stream), await anext(stream)]
+    first = [await anext(stream) for _ in range(3)]  # which model, then two deltas
 
     await stream.aclose()
 

@@ -302,6 +302,15 @@ def test_error_frame(request_id, conversation, extra):
     assert type(frame["code"]) is str
 
 
+@pytest.mark.parametrize(
+    "seconds, text", [pytest.param(1, "wait 1 second "), pytest.param(42, "wait 42 seconds ")]
+)
+def test_a_rate_limited_refusal_says_how_long_to_wait(seconds, text):
+    frame = protocol.rate_limited(seconds).frame("a1")
+    assert (frame["code"], frame["retry_after"], frame["id"]) == ("rate_limited", seconds, "a1")
+    assert text in frame["message"]
+
+
 def test_message_and_conversation_frames():
     conversation = SimpleNamespace(as_frame=lambda: {"id": "1"})
     assert protocol.conversation_frame(conversation) == {

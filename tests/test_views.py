@@ -236,6 +236,28 @@ def test_settings_saves_model_and_system_prompt(alice_client, chat):
     assert response.json() == chat.as_frame()
 
 
+def test_settings_naming_a_model_the_server_lacks_is_refused_and_saves_nothing(
+    alice_client, chat, fake_llm
+):
+    before = chat.model
+    response = alice_client.post(
+        reverse("conversations:settings", args=[chat.pk]),
+        {"model": "gpt-4", "system": "Answer in French."},
+        **JSON,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == "model_not_found" and response.json()["message"]
+    chat.refresh_from_db()
+    assert (chat.model, chat.system_prompt) == (before, "")
+
+
+def test_settings_take_any_model_when_the_server_cannot_be_reached(alice_client, chat):
+    response = alice_client.post(
+        reverse("conversations:settings", args=[chat.pk]), {"model": "gpt-4"}, **JSON
+    )
+    assert response.status_code == 200 and response.json()["model"] == "gpt-4"
+
+
 def test_settings_redirects_to_the_conversation_without_json(alice_client, chat):
     response = alice_client.post(
         reverse("conversations:settings", args=[chat.pk]), {"model": "fake-slow", "system": ""}
