@@ -15,7 +15,8 @@ import pytest
 
 from conversations.management.commands.serve import local_url
 from conversations.supervisor import Child, SiteDown, Supervisor, describe_exit
-from tests.live import ROOT, free_port
+from tests.helpers import free_port
+from tests.live import ROOT
 
 
 def python(code: str) -> list[str]:
