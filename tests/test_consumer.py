@@ -7,23 +7,16 @@ import json
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
 from chatsite.asgi import application
 from conversations import replies
 from conversations.models import Conversation, Message
-from tests.conftest import chat_socket, finish_replies, receive_until, streamed_text
 from tests.fake_llm import expected_text, reasoning_for, tokens_for
+from tests.helpers import chat_socket, finish_replies, logged_in, receive_until, streamed_text
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def logged_in(user) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 async def send(communicator, content="Hello there", conversation=None, **fields) -> dict:

@@ -8,8 +8,8 @@ import pytest
 
 from conversations import llm
 from conversations.llm import Delta, LLMError, ThinkSplitter, Usage
-from tests.conftest import free_port
 from tests.fake_llm import MODELS, FakeLLM, expected_text, reasoning_for, tokens_for
+from tests.helpers import free_port
 
 MESSAGES = [{"role": "user", "content": "say something nice"}]  # 3 prompt tokens
 
