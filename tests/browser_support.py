@@ -5,20 +5,18 @@ vendored axe-core accessibility checker."""
 
 import http.server
 import re
-import sqlite3
 import threading
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlparse
 
 from playwright.sync_api import Locator, Page, expect
 
+from tests.helpers import PASSWORD
 from tests.live import Site
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-PASSWORD = "correct horse battery staple"
 CONVERSATION_URL = re.compile(r"/c/([0-9a-f-]{36})/$")
 AXE = Path(__file__).resolve().parent / "vendor" / "axe-core-4.14.1" / "axe.min.js"
 
@@ -134,18 +132,8 @@ def all_prefixes(history: list[dict], full: str) -> bool:
 
 def site_message(site: Site, message_id: str) -> tuple[str, str, str, str] | None:
     """(role, content, status, model) of one message, read from the site's own database."""
-    query = "SELECT role, content, status, model FROM conversations_message WHERE id = %s"
-    url = site.env["DATABASE_URL"]
-    if url.startswith("sqlite"):
-        with sqlite3.connect(urlparse(url).path) as db:
-            # Django keeps a UUID as 32 hex digits in SQLite.
-            row = db.execute(query.replace("%s", "?"), (uuid.UUID(message_id).hex,)).fetchone()
-    else:
-        import psycopg
-
-        with psycopg.connect(url) as db:
-            row = db.execute(query, (message_id,)).fetchone()
-    return tuple(row) if row else None
+    rows = site.messages("role", "content", "status", "model", message=message_id)
+    return rows[0] if rows else None
 
 
 def eventually(read, until, timeout: float = 10.0):
