@@ -107,9 +107,9 @@ def documented_commands() -> list[list[str]]:
     leading VAR=value assignments."""
     commands = []
     for path in DOCUMENTED:
-        for line in open(path, encoding="utf-8"):
-            if "clients/chat.py" not in line:
-                continue
+        with open(path, encoding="utf-8") as lines:
+            runs = [line for line in lines if "clients/chat.py" in line]
+        for line in runs:
             words = shlex.split(line.strip().strip("`"), comments=True)
             while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
                 words.pop(0)

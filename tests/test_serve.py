@@ -121,9 +121,11 @@ def test_the_site_stays_up_while_the_model_keeps_dying(tmp_path):
 
 def test_the_site_dying_for_good_ends_serve(tmp_path):
     site = child(tmp_path, "daphne", python("raise SystemExit(2)"), essential=True)
-    with supervising(Output(), site, max_restarts=1) as supervisor:
-        with pytest.raises(SiteDown, match="daphne exited with code 2"):
-            run_until(supervisor, lambda: False)
+    with (
+        supervising(Output(), site, max_restarts=1) as supervisor,
+        pytest.raises(SiteDown, match="daphne exited with code 2"),
+    ):
+        run_until(supervisor, lambda: False)
 
 
 def test_a_child_is_announced_only_once_its_probe_answers(tmp_path):
