@@ -157,7 +157,7 @@ async def test_options_are_saved_and_sent_to_the_model(alice, fake_llm):
 
 
 @pytest.mark.parametrize(
-    "frame, code",
+    ("frame", "code"),
     [
         ("not json", "bad_request"),
         ("[1, 2]", "bad_request"),
@@ -402,7 +402,7 @@ async def test_other_tabs_see_the_same_stream_and_the_user_message(alice, fake_l
         frames2 = await receive_until(tab2, "end")
     assert frames2[0]["type"] == "message" and frames2[0]["message"]["content"] == "second"
     assert "id" not in frames2[0]
-    assert [f for f in frames2[1:]] == frames1
+    assert frames2[1:] == frames1
 
 
 async def test_unsubscribe_stops_live_events(alice, fake_llm):
@@ -482,7 +482,7 @@ async def test_refused_connection_is_upstream_unavailable_and_keeps_the_question
 
 
 @pytest.mark.parametrize(
-    "model, code",
+    ("model", "code"),
     [
         ("llama-not-pulled", "model_not_found"),
         ("fake:fault=500", "upstream_error"),
@@ -501,7 +501,7 @@ async def test_upstream_failures_before_any_text(alice, fake_llm, model, code):
 
 
 @pytest.mark.parametrize(
-    "model, code",
+    ("model", "code"),
     [
         ("fake:fault=cut,after=4", "upstream_error"),
         ("fake:fault=malformed,after=4", "upstream_error"),

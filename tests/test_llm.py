@@ -25,7 +25,7 @@ def text_of(items, field="content"):
 async def collect_until_error(model, options=None):
     """The deltas yielded before the LLMError, and the error."""
     items = []
-    with pytest.raises(LLMError) as caught:
+    with pytest.raises(LLMError) as caught:  # noqa: PT012 - the error ends a stream begun here
         async for item in llm.stream_chat(MESSAGES, model, options):
             items.append(item)
     return items, caught.value
