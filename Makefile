@@ -22,7 +22,7 @@ LLAMA_KEY := $(shell printf '%s %s %s' '$(LLAMA_VERSION)' '$(LLAMA_CMAKE_ARGS)' 
 	"$$($(PYTHON) -c 'import sys; print(sys.implementation.cache_tag)')" | sha256sum | cut -c1-12)
 LLAMA_WHEELS ?= $(CHATSITE_CACHE)/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_KEY)
 
-.PHONY: install llama run test lint
+.PHONY: install llama run test test-fast lint
 
 # pip --verbose shows the compiler's "[n/193]" steps, each a screenful of
 # flags: keep the step and the file, pass every other line through as it is.
@@ -71,7 +71,12 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS) || { status=$$?; \
 		[ $$status != 5 ] || echo "pytest collected no tests (exit 5)" >&2; exit $$status; }
 
+# The inner loop: no real servers, no browser.
+test-fast: install
+	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(PY) manage.py makemigrations --check --dry-run

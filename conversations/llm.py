@@ -186,7 +186,8 @@ class ThinkSplitter:
         self.had_think = False
 
     def feed(self, text: str) -> Delta:
-        content, reasoning = [], []
+        content: list[str] = []
+        reasoning: list[str] = []
         text = self.held + text
         self.held = ""
         while text:

@@ -270,10 +270,7 @@ class MessageQuerySet(models.QuerySet):
         from before it started is an orphan. Processes that share Redis may
         still be writing theirs: only rows whose writer stopped beating
         count."""
-        if settings.REDIS_URL:
-            cutoff = timezone.now() - Message.stale_after()
-        else:
-            cutoff = PROCESS_STARTED
+        cutoff = (timezone.now() - Message.stale_after()) if settings.REDIS_URL else PROCESS_STARTED
         return self.filter(status__in=Message.LIVE_STATUSES, updated__lte=cutoff).update(
             status=Message.Status.INTERRUPTED,
             error_code=ErrorCode.INTERRUPTED,

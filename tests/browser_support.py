@@ -15,11 +15,11 @@ from urllib.parse import urlparse
 
 from playwright.sync_api import Locator, Page, expect
 
+from tests.helpers import PASSWORD
 from tests.live import Site
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-PASSWORD = "correct horse battery staple"
 CONVERSATION_URL = re.compile(r"/c/([0-9a-f-]{36})/$")
 AXE = Path(__file__).resolve().parent / "vendor" / "axe-core-4.14.1" / "axe.min.js"
 
@@ -159,8 +159,8 @@ def site_sql(site: Site, query: str, params: tuple) -> tuple | None:
 
 def site_message(site: Site, message_id: str) -> tuple[str, str, str, str] | None:
     """(role, content, status, model) of one message, read from the site's own database."""
-    query = "SELECT role, content, status, model FROM conversations_message WHERE id = %s"
-    return site_sql(site, query, (uuid.UUID(message_id),))
+    rows = site.messages("role", "content", "status", "model", message=message_id)
+    return rows[0] if rows else None
 
 
 def set_updated(site: Site, conversation: str, when: datetime) -> None:

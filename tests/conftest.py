@@ -1,23 +1,13 @@
-import asyncio
+"""Fixtures only; the helpers tests import are in tests/helpers.py."""
+
 import copy
-import socket
 import uuid
-from contextlib import asynccontextmanager
 
 import pytest
-from channels.testing import WebsocketCommunicator
 
-from conversations import llm, replies
-from conversations.consumers import ChatConsumer
+from conversations import llm
 from tests.fake_llm import FakeLLM
-
-PASSWORD = "correct horse battery staple"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import PASSWORD, free_port
 
 
 @pytest.fixture(autouse=True)
@@ -63,41 +53,3 @@ def alice(django_user_model):
 @pytest.fixture
 def bob(django_user_model):
     return django_user_model.objects.create_user("bob", password=PASSWORD)
-
-
-async def finish_replies(timeout: float = 10.0) -> None:
-    """Replies outlive their sockets by design; a test waits for them so
-    none writes to the database after the test has ended."""
-    await replies.wait_all(timeout)
-
-
-@asynccontextmanager
-async def chat_socket(user, *, ready: bool = True):
-    """A connected WebsocketCommunicator for user, past the ready frame."""
-    communicator = WebsocketCommunicator(ChatConsumer.as_asgi(), "/ws/chat/")
-    communicator.scope["user"] = user
-    connected, _ = await communicator.connect()
-    assert connected
-    try:
-        if ready:
-            frame = await communicator.receive_json_from(timeout=10)
-            assert frame["type"] == "ready"
-            communicator.ready = frame
-        yield communicator
-    finally:
-        await communicator.disconnect()
-
-
-async def receive_until(communicator, frame_type: str, timeout: float = 10.0) -> list[dict]:
-    """Every frame up to and including the first of frame_type."""
-    frames = []
-    async with asyncio.timeout(timeout):
-        while True:
-            frame = await communicator.receive_json_from(timeout=timeout)
-            frames.append(frame)
-            if frame["type"] == frame_type:
-                return frames
-
-
-def streamed_text(frames: list[dict], field: str = "content") -> str:
-    return "".join(f.get(field, "") for f in frames if f["type"] == "delta")

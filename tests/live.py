@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -18,13 +19,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.helpers import PASSWORD, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 30.0) -> None:
@@ -96,6 +93,33 @@ class Site:
         self.processes[index].send_signal(signal.SIGKILL)
         self.processes[index].wait(timeout=10)
 
+    def messages(
+        self,
+        *columns: str,
+        conversation: str | None = None,
+        message: str | None = None,
+    ) -> list[tuple]:
+        """Columns (role, content, status unless named) of the stored
+        messages, oldest first, read from the site's own database; only those
+        of one conversation, or the one message, when given its id."""
+        names = ", ".join(columns or ("role", "content", "status"))
+        query = f"SELECT {names} FROM conversations_message"
+        filters = {"conversation_id": conversation, "id": message}
+        wanted = {column: key for column, key in filters.items() if key is not None}
+        if wanted:
+            query += " WHERE " + " AND ".join(f"{column} = %s" for column in wanted)
+        query += " ORDER BY created"
+        url = self.env["DATABASE_URL"]
+        if url.startswith("sqlite"):
+            # Django keeps a UUID as 32 hex digits in SQLite.
+            keys = [uuid.UUID(key).hex for key in wanted.values()]
+            with sqlite3.connect(urllib.parse.urlparse(url).path) as db:
+                return db.execute(query.replace("%s", "?"), keys).fetchall()
+        import psycopg
+
+        with psycopg.connect(url) as db:
+            return db.execute(query, list(wanted.values())).fetchall()
+
     def stop(self) -> None:
         for process in self.processes:
             if process.poll() is None:
@@ -161,7 +185,7 @@ class Browser:
         with self.opener.open(self.base_url + path, data=data, timeout=10) as response:
             return response.status, response.geturl()
 
-    def sign_up(self, username: str, password: str = "correct horse battery staple") -> None:
+    def sign_up(self, username: str, password: str = PASSWORD) -> None:
         _, final_url = self.post(
             "/accounts/signup/",
             {"username": username, "password1": password, "password2": password},
@@ -186,7 +210,3 @@ async def receive(ws, frame_type: str, timeout: float = 20.0, pause: float = 0) 
                 return frames
             if pause:
                 await asyncio.sleep(pause)
-
-
-def text_of(frames: list[dict]) -> str:
-    return "".join(f.get("content", "") for f in frames if f["type"] == "delta")

@@ -10,29 +10,31 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def chat(alice):
+def html_chat(alice):
     conversation = Conversation.objects.create(owner=alice, model="fake", title="<b>Hi</b>")
     conversation.start_turn("What is <script>up</script>?", "fake", {})
     return conversation
 
 
-def test_reviewers_see_conversations_with_their_owner_and_messages(admin_client, chat):
+def test_reviewers_see_conversations_with_their_owner_and_messages(admin_client, html_chat):
     listing = admin_client.get(reverse("admin:conversations_conversation_changelist"))
     assert listing.status_code == 200
     page = listing.content.decode()
-    owner = reverse("admin:auth_user_change", args=[chat.owner_id])
+    owner = reverse("admin:auth_user_change", args=[html_chat.owner_id])
     assert f'<a href="{owner}">alice</a>' in page
     assert "&lt;b&gt;Hi&lt;/b&gt;" in page and "<b>Hi</b>" not in page
-    detail = admin_client.get(reverse("admin:conversations_conversation_change", args=[chat.pk]))
+    detail = admin_client.get(
+        reverse("admin:conversations_conversation_change", args=[html_chat.pk])
+    )
     assert detail.status_code == 200
     assert "What is &lt;script&gt;up&lt;/script&gt;?" in detail.content.decode()
 
 
-def test_reviewers_can_search_messages_and_open_one(admin_client, chat):
+def test_reviewers_can_search_messages_and_open_one(admin_client, html_chat):
     url = reverse("admin:conversations_message_changelist")
     found = admin_client.get(url, {"q": "script"})
     assert found.status_code == 200 and "What is" in found.content.decode()
-    message = chat.messages.get(role="user")
+    message = html_chat.messages.get(role="user")
     page = admin_client.get(reverse("admin:conversations_message_change", args=[message.pk]))
     assert page.status_code == 200
 
@@ -54,13 +56,13 @@ def test_users_who_are_not_staff_cannot_open_the_admin(client, alice):
     assert response.status_code == 302
 
 
-def test_a_conversation_in_the_admin_has_no_view_on_site_link(admin_client, chat):
+def test_a_conversation_in_the_admin_has_no_view_on_site_link(admin_client, html_chat):
     # The site's conversation page is owner-only: the link would be a 404 for staff.
-    page = admin_client.get(reverse("admin:conversations_conversation_change", args=[chat.pk]))
+    page = admin_client.get(reverse("admin:conversations_conversation_change", args=[html_chat.pk]))
     assert page.status_code == 200
     html = page.content.decode()
     content_type = ContentType.objects.get_for_model(Conversation).pk
-    assert reverse("admin:view_on_site", args=[content_type, chat.pk]) not in html
+    assert reverse("admin:view_on_site", args=[content_type, html_chat.pk]) not in html
     assert "View on site" not in html
 
 

@@ -42,7 +42,8 @@ from tests.browser_support import (
     wait_until_ready,
 )
 from tests.fake_llm import expected_text
-from tests.live import ROOT, free_port, running_site
+from tests.helpers import free_port
+from tests.live import ROOT, running_site
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -9,16 +9,16 @@ import re
 import select
 import shlex
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
-from urllib.parse import urlencode, urlparse
+from urllib.parse import urlencode
 
 import pytest
 import websockets
 
 from tests.fake_llm import expected_text, reasoning_for
+from tests.helpers import PASSWORD
 from tests.live import ROOT, Browser, Site, running_site
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ def site(tmp_path_factory, fake_llm_server):
             "shell",
             "-c",
             "from django.contrib.auth import get_user_model; "
-            "get_user_model().objects.create_user('erin', password='correct horse battery')",
+            f"get_user_model().objects.create_user('erin', password={PASSWORD!r})",
         )
         site.token = site.manage("create_token", "erin").strip()
         yield site
@@ -97,24 +97,6 @@ def conversation_of(stderr: str) -> str:
     return lines[0].removeprefix("[conversation ").rstrip("]")
 
 
-def messages_of(site: Site, conversation_id: str) -> list[tuple[str, str, str]]:
-    """(role, content, status) of a conversation's messages, oldest first."""
-    query = (
-        "SELECT role, content, status FROM conversations_message"
-        " WHERE conversation_id = %s ORDER BY created"
-    )
-    url = site.env["DATABASE_URL"]
-    if url.startswith("sqlite"):
-        with sqlite3.connect(urlparse(url).path) as db:
-            # SQLite stores Django's UUIDs as 32 hex digits.
-            key = conversation_id.replace("-", "")
-            return db.execute(query.replace("%s", "?"), (key,)).fetchall()
-    import psycopg
-
-    with psycopg.connect(url) as db:
-        return db.execute(query, (conversation_id,)).fetchall()
-
-
 # Where the ways to run the client are written down. (README.md is to join
 # this list once its commands name the project's interpreter.)
 DOCUMENTED = (CLIENT, str(ROOT / "README.md"))
@@ -125,9 +107,9 @@ def documented_commands() -> list[list[str]]:
     leading VAR=value assignments."""
     commands = []
     for path in DOCUMENTED:
-        for line in open(path, encoding="utf-8"):
-            if "clients/chat.py" not in line:
-                continue
+        with open(path, encoding="utf-8") as lines:
+            runs = [line for line in lines if "clients/chat.py" in line]
+        for line in runs:
             words = shlex.split(line.strip().strip("`"), comments=True)
             while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
                 words.pop(0)
@@ -159,7 +141,7 @@ def test_a_prompt_prints_the_answer_and_exits_0(site):
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected_text("fake") + "\n"
     conversation = conversation_of(result.stderr)
-    assert messages_of(site, conversation) == [
+    assert site.messages(conversation=conversation) == [
         ("user", "Hello there", "complete"),
         ("assistant", expected_text("fake"), "complete"),
     ]
@@ -198,7 +180,8 @@ def test_repl_two_prompts_then_new_and_model(site, fake_llm_server):
     assert "\x1b[" not in result.stdout + result.stderr
     first, second = (line for line in result.stderr.splitlines() if line.startswith("[conv"))
     assert first != second
-    assert [m[0] for m in messages_of(site, conversation_of(first))] == ["user", "assistant"] * 2
+    roles = [role for role, *_ in site.messages(conversation=conversation_of(first))]
+    assert roles == ["user", "assistant"] * 2
     last = fake_llm_server.requests[-1]
     assert last["model"] == "fake-think"
     assert last["messages"] == [{"role": "user", "content": "Third"}]
@@ -401,7 +384,7 @@ async def test_ctrl_c_stops_the_reply_and_keeps_the_repl(site):
             await client.wait()
     assert client.returncode == 0, errors + more_errors
     conversation = conversation_of((errors + more_errors).decode())
-    rows = await asyncio.to_thread(messages_of, site, conversation)
+    rows = await asyncio.to_thread(site.messages, conversation=conversation)
     (_, partial, status) = rows[-1]
     assert status == "stopped"
     assert expected_text("fake-slow").startswith(partial) and len(partial) < len(

@@ -7,23 +7,16 @@ import json
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
 from chatsite.asgi import application
 from conversations import replies
 from conversations.models import Conversation, Message
-from tests.conftest import chat_socket, finish_replies, receive_until, streamed_text
 from tests.fake_llm import expected_text, reasoning_for, tokens_for
+from tests.helpers import chat_socket, finish_replies, logged_in, receive_until, streamed_text
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def logged_in(user) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 async def send(communicator, content="Hello there", conversation=None, **fields) -> dict:
@@ -164,7 +157,7 @@ async def test_options_are_saved_and_sent_to_the_model(alice, fake_llm):
 
 
 @pytest.mark.parametrize(
-    "frame, code",
+    ("frame", "code"),
     [
         ("not json", "bad_request"),
         ("[1, 2]", "bad_request"),
@@ -409,7 +402,7 @@ async def test_other_tabs_see_the_same_stream_and_the_user_message(alice, fake_l
         frames2 = await receive_until(tab2, "end")
     assert frames2[0]["type"] == "message" and frames2[0]["message"]["content"] == "second"
     assert "id" not in frames2[0]
-    assert [f for f in frames2[1:]] == frames1
+    assert frames2[1:] == frames1
 
 
 async def test_unsubscribe_stops_live_events(alice, fake_llm):
@@ -521,7 +514,7 @@ async def test_refused_connection_is_upstream_unavailable_and_keeps_the_question
 
 
 @pytest.mark.parametrize(
-    "model, code",
+    ("model", "code"),
     [
         # Chosen when the server had it: a send naming no model is not checked.
         ("llama-not-pulled", "model_not_found"),
@@ -542,7 +535,7 @@ async def test_upstream_failures_before_any_text(alice, fake_llm, model, code):
 
 
 @pytest.mark.parametrize(
-    "model, code",
+    ("model", "code"),
     [
         ("fake:fault=cut,after=4", "upstream_error"),
         ("fake:fault=malformed,after=4", "upstream_error"),
@@ -663,7 +656,7 @@ async def subscribed_tab(ws, conversation_id: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name, data, field, value",
+    ("name", "data", "field", "value"),
     [
         pytest.param("rename", {"title": "Plans"}, "title", "Plans", id="rename"),
         pytest.param("settings", {"model": "fake-think"}, "model", "fake-think", id="model"),

@@ -2,15 +2,15 @@
 browser or script would: sign up over HTTP, then chat over the socket."""
 
 import asyncio
+import contextlib
 import json
-import sqlite3
-from urllib.parse import urlparse
 
 import pytest
 import websockets
 
 from tests.fake_llm import expected_text
-from tests.live import Browser, Site, receive, running_site, text_of
+from tests.helpers import streamed_text
+from tests.live import Browser, receive, running_site
 
 pytestmark = pytest.mark.slow
 
@@ -44,9 +44,9 @@ async def test_sign_up_chat_leave_mid_answer_and_come_back(site):
     assert [d["seq"] for d in deltas] == list(
         range(reply["seq"] + 1, reply["seq"] + 1 + len(deltas))
     )
-    assert reply["content"] + text_of(frames) == expected_text(model)
+    assert reply["content"] + streamed_text(frames) == expected_text(model)
     assert frames[-1]["status"] == "complete"
-    rows = await asyncio.to_thread(site_rows, site)
+    rows = await asyncio.to_thread(site.messages)
     assert rows == [("user", "Hi", "complete"), ("assistant", expected_text(model), "complete")]
 
 
@@ -73,28 +73,15 @@ async def test_a_reply_cut_by_a_server_shutdown_is_saved_and_ended_as_interrupte
         await ws.send(json.dumps(frame))
         frames = await receive(ws, "delta")
         site.processes[0].terminate()  # SIGTERM, as a deploy or Ctrl-C would
-        try:
+        # The end may lose the race with the socket's close.
+        with contextlib.suppress(websockets.ConnectionClosed):
             frames += await receive(ws, "end")
-        except websockets.ConnectionClosed:
-            pass  # the end may lose the race with the socket's close
     # It exits; with the in-memory layer CPython 3.11 may then crash while
     # collecting the loop (python/cpython#113566), so the code is not checked:
     # what matters is what was saved before.
     await asyncio.to_thread(site.processes[0].wait, 10)
-    (_, _, user_status), (_, content, status) = await asyncio.to_thread(site_rows, site)
+    (_, _, user_status), (_, content, status) = await asyncio.to_thread(site.messages)
     assert (user_status, status) == ("complete", "interrupted")
     assert content and expected_text(model).startswith(content)
     ends = [f for f in frames if f["type"] == "end"]
     assert all(f["status"] == "interrupted" for f in ends)
-
-
-def site_rows(site: Site) -> list[tuple[str, str, str]]:
-    query = "SELECT role, content, status FROM conversations_message ORDER BY created"
-    url = site.env["DATABASE_URL"]
-    if url.startswith("sqlite"):
-        with sqlite3.connect(urlparse(url).path) as db:
-            return db.execute(query).fetchall()
-    import psycopg
-
-    with psycopg.connect(url) as db:
-        return db.execute(query).fetchall()

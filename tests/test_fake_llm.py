@@ -21,10 +21,7 @@ try:  # the openai 3.x line ships its HTTP client as httpx2
 except ImportError:
     import httpx
 
-try:  # works whether or not tests/ becomes a package
-    from tests.fake_llm import MODELS, FakeLLM, expected_text, reasoning_for, tokens_for
-except ImportError:
-    from fake_llm import MODELS, FakeLLM, expected_text, reasoning_for, tokens_for
+from tests.fake_llm import MODELS, FakeLLM, expected_text, reasoning_for, tokens_for
 
 MESSAGES = [{"role": "user", "content": "say something nice"}]
 
@@ -37,7 +34,7 @@ def fake() -> Iterator[FakeLLM]:
 
 
 @pytest.fixture
-def client(fake: FakeLLM) -> openai.OpenAI:
+def openai_client(fake: FakeLLM) -> openai.OpenAI:
     return openai.OpenAI(base_url=fake.base_url, api_key="x", max_retries=0, timeout=10)
 
 
@@ -52,13 +49,15 @@ def content(chunks: list) -> list[str]:
     return [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
 
 
-def test_models(client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list()] == list(MODELS)
+def test_models(openai_client: openai.OpenAI) -> None:
+    assert [m.id for m in openai_client.models.list()] == list(MODELS)
 
 
-def test_stream_full_text_and_usage(fake: FakeLLM, client: openai.OpenAI) -> None:
+def test_stream_full_text_and_usage(fake: FakeLLM, openai_client: openai.OpenAI) -> None:
     before = fake.completed
-    chunks = stream(client, "fake", stream_options={"include_usage": True}, temperature=0.2, seed=1)
+    chunks = stream(
+        openai_client, "fake", stream_options={"include_usage": True}, temperature=0.2, seed=1
+    )
     assert (
         "".join(content(chunks))
         == expected_text("fake")
@@ -85,41 +84,42 @@ def eventually(condition, timeout: float = 5.0) -> bool:
     return True
 
 
-def test_params_in_model_name(client: openai.OpenAI) -> None:
-    text = "".join(content(stream(client, "fake:n=500,delay=0")))
+def test_params_in_model_name(openai_client: openai.OpenAI) -> None:
+    text = "".join(content(stream(openai_client, "fake:n=500,delay=0")))
     assert text == expected_text("fake:n=500,delay=0")
     assert text.split()[-1] == "w500"
 
 
-def test_non_streaming(client: openai.OpenAI) -> None:
-    result = client.chat.completions.create(model="fake", messages=MESSAGES)
+def test_non_streaming(openai_client: openai.OpenAI) -> None:
+    result = openai_client.chat.completions.create(model="fake", messages=MESSAGES)
     assert result.choices[0].message.content == expected_text("fake")
     assert result.usage is not None and result.usage.completion_tokens == 12
 
 
-def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+def test_unknown_model_is_404(openai_client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError, match="try pulling it first"):
-        stream(client, "llama3")
+        stream(openai_client, "llama3")
 
 
-def test_500(client: openai.OpenAI) -> None:
+def test_500(openai_client: openai.OpenAI) -> None:
     with pytest.raises(openai.InternalServerError):
-        stream(client, "fake:fault=500")
+        stream(openai_client, "fake:fault=500")
 
 
-def test_cut_after_partial_content(client: openai.OpenAI) -> None:
+def test_cut_after_partial_content(openai_client: openai.OpenAI) -> None:
     received: list[str] = []
-    with pytest.raises((httpx.HTTPError, openai.APIError)):
-        for chunk in client.chat.completions.create(
+    with pytest.raises((httpx.HTTPError, openai.APIError)):  # noqa: PT012 - cut mid-stream
+        for chunk in openai_client.chat.completions.create(
             model="fake:fault=cut,after=5", messages=MESSAGES, stream=True
         ):
             received.extend(content([chunk]))
     assert received == tokens_for("fake")[:5]
 
 
-def test_malformed(client: openai.OpenAI) -> None:
-    with pytest.raises(ValueError):
-        stream(client, "fake:fault=malformed")
+def test_malformed(openai_client: openai.OpenAI) -> None:
+    # Whichever ValueError the client's JSON parser raises: the client does not wrap it.
+    with pytest.raises(ValueError):  # noqa: PT011
+        stream(openai_client, "fake:fault=malformed")
 
 
 def test_stall_times_out_and_counts_cancel(fake: FakeLLM) -> None:
@@ -132,8 +132,8 @@ def test_stall_times_out_and_counts_cancel(fake: FakeLLM) -> None:
     assert fake.wait_cancelled(before + 1)
 
 
-def test_think_tags_split_across_chunks(client: openai.OpenAI) -> None:
-    parts = content(stream(client, "fake-think"))
+def test_think_tags_split_across_chunks(openai_client: openai.OpenAI) -> None:
+    parts = content(stream(openai_client, "fake-think"))
     pairs = list(itertools.pairwise(parts))
     assert any(a.endswith("<th") and b.startswith("ink>") for a, b in pairs)
     assert any(a.endswith("</th") and b.startswith("ink>") for a, b in pairs)
@@ -142,8 +142,8 @@ def test_think_tags_split_across_chunks(client: openai.OpenAI) -> None:
     assert reasoning_for("fake-think") == "r1 r2 r3 r4 r5 r6"
 
 
-def test_reasoning_fields(client: openai.OpenAI) -> None:
-    chunks = stream(client, "fake-reasoning-field")
+def test_reasoning_fields(openai_client: openai.OpenAI) -> None:
+    chunks = stream(openai_client, "fake-reasoning-field")
     extras = [c.choices[0].delta.model_extra or {} for c in chunks if c.choices]
     assert {"reasoning_content", "reasoning"} <= {k for e in extras for k in e}
     reasoning = "".join(e.get("reasoning_content") or e.get("reasoning") or "" for e in extras)
@@ -151,26 +151,28 @@ def test_reasoning_fields(client: openai.OpenAI) -> None:
     assert "".join(content(chunks)) == expected_text("fake-reasoning-field")
 
 
-def test_max_tokens(client: openai.OpenAI) -> None:
-    chunks = stream(client, "fake", max_tokens=4)
+def test_max_tokens(openai_client: openai.OpenAI) -> None:
+    chunks = stream(openai_client, "fake", max_tokens=4)
     assert content(chunks) == tokens_for("fake", max_tokens=4) == ["w1 ", "w2 ", "w3 ", "w4 "]
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
-def test_client_closing_mid_stream_is_counted(fake: FakeLLM, client: openai.OpenAI) -> None:
+def test_client_closing_mid_stream_is_counted(fake: FakeLLM, openai_client: openai.OpenAI) -> None:
     before = fake.cancelled
-    response = client.chat.completions.create(model="fake-slow", messages=MESSAGES, stream=True)
+    response = openai_client.chat.completions.create(
+        model="fake-slow", messages=MESSAGES, stream=True
+    )
     next(iter(response))
     response.close()
     assert fake.wait_cancelled(before + 1)
 
 
-def test_echo(client: openai.OpenAI) -> None:
+def test_echo(openai_client: openai.OpenAI) -> None:
     attack = [{"role": "user", "content": "look: <img src=x onerror=alert(1)> **bold**"}]
-    raw = content(stream(client, "fake:echo=raw", messages=attack))
+    raw = content(stream(openai_client, "fake:echo=raw", messages=attack))
     assert "".join(raw) == attack[0]["content"]
     assert raw == tokens_for("fake:echo=raw", attack) and max(map(len, raw)) == 5
-    words = content(stream(client, "fake:echo=1", messages=attack))
+    words = content(stream(openai_client, "fake:echo=1", messages=attack))
     assert words == tokens_for("fake:echo=1", attack) and words[0] == "look: "
 
 

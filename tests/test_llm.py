@@ -8,8 +8,8 @@ import pytest
 
 from conversations import llm
 from conversations.llm import Delta, LLMError, ServedBy, ThinkSplitter, Usage
-from tests.conftest import free_port
 from tests.fake_llm import MODELS, FakeLLM, expected_text, reasoning_for, tokens_for
+from tests.helpers import free_port
 
 MESSAGES = [{"role": "user", "content": "say something nice"}]  # 3 prompt tokens
 
@@ -25,7 +25,7 @@ def text_of(items, field="content"):
 async def collect_until_error(model, options=None):
     """The deltas yielded before the LLMError, and the error."""
     items = []
-    with pytest.raises(LLMError) as caught:
+    with pytest.raises(LLMError) as caught:  # noqa: PT012 - the error ends a stream begun here
         async for item in llm.stream_chat(MESSAGES, model, options):
             items.append(item)
     return items, caught.value
@@ -72,7 +72,7 @@ async def test_list_models_cache_expires(fake_llm, settings):
 
 
 @pytest.mark.parametrize(
-    "model, exists",
+    ("model", "exists"),
     [
         pytest.param("fake-think", True, id="listed"),
         pytest.param("fake:n=3", True, id="unlisted-but-found-by-name"),

@@ -28,7 +28,7 @@ def send(**fields) -> dict:
 
 
 @pytest.mark.parametrize(
-    "text, code",
+    ("text", "code"),
     [
         pytest.param(None, "bad_request", id="binary"),
         pytest.param("not json", "bad_request", id="not-json"),
@@ -49,7 +49,7 @@ def test_decode_takes_a_frame_of_exactly_the_limit():
 
 
 @pytest.mark.parametrize(
-    "frame, expected",
+    ("frame", "expected"),
     [
         pytest.param({"type": "ping", "id": "a1"}, "a1", id="a-string"),
         pytest.param({"type": "ping", "id": "x" * 64}, "x" * 64, id="64-characters"),
@@ -70,7 +70,7 @@ def test_frame_type_takes_every_client_frame(kind):
 
 
 @pytest.mark.parametrize(
-    "frame, reason",
+    ("frame", "reason"),
     [
         pytest.param([1, 2], "A frame must be a JSON object.", id="a-list"),
         pytest.param("send", "A frame must be a JSON object.", id="a-string"),
@@ -131,7 +131,7 @@ def test_send_request_options_keep_their_kinds():
 
 
 @pytest.mark.parametrize(
-    "fields, code",
+    ("fields", "code"),
     [
         pytest.param({"content": None}, "bad_request", id="no-content"),
         pytest.param({"content": 5}, "bad_request", id="content-a-number"),
@@ -182,14 +182,14 @@ def test_content_limit_is_the_setting(settings):
 
 
 def test_model_limit_is_the_model_fields_max_length():
-    assert protocol.MAX_MODEL == Message._meta.get_field("model").max_length
+    assert Message._meta.get_field("model").max_length == protocol.MAX_MODEL
 
 
 # conversation_id
 
 
 @pytest.mark.parametrize(
-    "value, code",
+    ("value", "code"),
     [
         pytest.param(None, "bad_request", id="missing"),
         pytest.param(["x"], "bad_request", id="a-list"),
@@ -288,7 +288,7 @@ def test_start_frame():
 
 
 @pytest.mark.parametrize(
-    "request_id, conversation, extra",
+    ("request_id", "conversation", "extra"),
     [
         pytest.param(None, None, {}, id="bare"),
         pytest.param("a1", None, {"id": "a1"}, id="answering-a-frame"),
@@ -303,7 +303,7 @@ def test_error_frame(request_id, conversation, extra):
 
 
 @pytest.mark.parametrize(
-    "seconds, text", [pytest.param(1, "wait 1 second "), pytest.param(42, "wait 42 seconds ")]
+    ("seconds", "text"), [pytest.param(1, "wait 1 second "), pytest.param(42, "wait 42 seconds ")]
 )
 def test_a_rate_limited_refusal_says_how_long_to_wait(seconds, text):
     frame = protocol.rate_limited(seconds).frame("a1")

@@ -15,7 +15,8 @@ import pytest
 
 from conversations.management.commands.serve import local_url
 from conversations.supervisor import Child, SiteDown, Supervisor, describe_exit
-from tests.live import ROOT, free_port
+from tests.helpers import free_port
+from tests.live import ROOT
 
 
 def python(code: str) -> list[str]:
@@ -120,9 +121,11 @@ def test_the_site_stays_up_while_the_model_keeps_dying(tmp_path):
 
 def test_the_site_dying_for_good_ends_serve(tmp_path):
     site = child(tmp_path, "daphne", python("raise SystemExit(2)"), essential=True)
-    with supervising(Output(), site, max_restarts=1) as supervisor:
-        with pytest.raises(SiteDown, match="daphne exited with code 2"):
-            run_until(supervisor, lambda: False)
+    with (
+        supervising(Output(), site, max_restarts=1) as supervisor,
+        pytest.raises(SiteDown, match="daphne exited with code 2"),
+    ):
+        run_until(supervisor, lambda: False)
 
 
 def test_a_child_is_announced_only_once_its_probe_answers(tmp_path):

@@ -8,14 +8,14 @@ import re
 import pytest
 
 from conversations import llm
-from conversations.management.commands.serve import MODEL_ALIAS, bundled_model, free_port
+from conversations.management.commands.serve import MODEL_ALIAS, bundled_model
 from conversations.models import Message
 from conversations.supervisor import Supervisor
-from tests.conftest import chat_socket, receive_until, streamed_text
+from tests.helpers import chat_socket, free_port, receive_until, streamed_text
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 
-pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+pytestmark = pytest.mark.slow
 
 GREEDY = {"temperature": 0, "seed": 1}
 
@@ -56,6 +56,7 @@ def test_the_bundled_llama_cpp_is_a_portable_build():
     assert not re.search(r"(AVX512\w* = 1|AMX\w* = 1)", info), info
 
 
+@pytest.mark.django_db(transaction=True)
 async def test_bundled_model_streams_a_real_answer(alice, smollm2):
     async with chat_socket(alice) as ws:
         assert ws.ready["models"] == [MODEL_ALIAS] and ws.ready["llm"] == "ok"
@@ -74,6 +75,7 @@ async def test_bundled_model_streams_a_real_answer(alice, smollm2):
 STORY = "Write a long story about a dragon who learns to bake bread."
 
 
+@pytest.mark.django_db(transaction=True)
 async def test_a_second_user_and_a_new_tab_do_not_cut_off_a_streaming_answer(alice, bob, smollm2):
     async with chat_socket(alice) as ws:
         await ws.send_json_to(send(STORY, max_tokens=200))
@@ -104,6 +106,7 @@ async def test_a_second_user_and_a_new_tab_do_not_cut_off_a_streaming_answer(ali
     assert streamed_text(bob_frames).strip()
 
 
+@pytest.mark.django_db(transaction=True)
 async def test_a_killed_model_server_is_unavailable_then_restarted(alice, supervised, smollm2):
     supervisor, model = supervised
     model.process.kill()

@@ -4,13 +4,15 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.core.management import CommandError, call_command
-from django.test import Client
 from django.urls import reverse
 
 from chatsite.asgi import application
 from conversations.models import ApiToken
+from tests.helpers import logged_in
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# Sync tests share the test's transaction; the async ones reach the database
+# from another thread, so they need real commits.
+pytestmark = pytest.mark.django_db
 
 
 def socket(headers: dict[str, str]) -> WebsocketCommunicator:
@@ -28,12 +30,6 @@ async def ready_token_socket(plain: str) -> WebsocketCommunicator:
     assert connected
     await ws.receive_json_from(timeout=10)
     return ws
-
-
-def logged_in(user) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def test_a_new_token_is_shown_once_and_only_its_hash_is_kept(alice):
@@ -83,8 +79,8 @@ def test_the_token_page_lists_only_my_live_tokens(alice, bob):
     assert list(response.context["tokens"]) == [mine]
 
 
-def test_the_token_page_needs_a_login(db):
-    response = Client().get(reverse("conversations:tokens"))
+def test_the_token_page_needs_a_login(client):
+    response = client.get(reverse("conversations:tokens"))
     assert response.status_code == 302 and "/accounts/login/" in response["Location"]
 
 
@@ -104,6 +100,7 @@ def test_create_token_command_prints_a_working_token(alice, capsys):
         call_command("create_token", "nobody")
 
 
+@pytest.mark.django_db(transaction=True)
 async def test_a_token_socket_needs_no_origin(alice):
     _, plain = await sync_to_async(ApiToken.issue)(alice, "script")
     ws = socket({"Authorization": f"Bearer {plain}"})
@@ -117,6 +114,7 @@ async def test_a_token_socket_needs_no_origin(alice):
 
 
 @pytest.mark.parametrize("header", ["Bearer cs_wrong", "Bearer ", "Basic abc"])
+@pytest.mark.django_db(transaction=True)
 async def test_a_bad_token_is_refused_at_the_handshake(alice, header):
     ws = socket({"Authorization": header})
     connected, _ = await ws.connect()
@@ -124,6 +122,7 @@ async def test_a_bad_token_is_refused_at_the_handshake(alice, header):
     await ws.disconnect()
 
 
+@pytest.mark.django_db(transaction=True)
 async def test_a_revoked_token_is_refused(alice):
     token, plain = await sync_to_async(ApiToken.issue)(alice, "script")
     await sync_to_async(token.revoke)()
@@ -133,6 +132,7 @@ async def test_a_revoked_token_is_refused(alice):
     await ws.disconnect()
 
 
+@pytest.mark.django_db(transaction=True)
 async def test_revoking_a_token_closes_its_open_sockets(alice):
     token, plain = await sync_to_async(ApiToken.issue)(alice, "script")
     ws = await ready_token_socket(plain)
@@ -146,6 +146,7 @@ async def test_revoking_a_token_closes_its_open_sockets(alice):
     await ws.disconnect()
 
 
+@pytest.mark.django_db(transaction=True)
 async def test_a_cookie_socket_must_come_from_an_allowed_origin(alice):
     client = await sync_to_async(logged_in)(alice)
     cookie = f"sessionid={client.cookies['sessionid'].value}"
@@ -165,6 +166,7 @@ async def test_a_cookie_socket_must_come_from_an_allowed_origin(alice):
         await ws.disconnect()
 
 
+@pytest.mark.django_db(transaction=True)
 async def test_revoking_a_token_anywhere_closes_its_sockets(alice):
     token, plain = await sync_to_async(ApiToken.issue)(alice, "script")
     ws = await ready_token_socket(plain)
@@ -174,6 +176,7 @@ async def test_revoking_a_token_anywhere_closes_its_sockets(alice):
     await ws.disconnect()
 
 
+@pytest.mark.django_db(transaction=True)
 async def test_deleting_a_token_closes_its_sockets(alice):
     token, plain = await sync_to_async(ApiToken.issue)(alice, "script")
     ws = await ready_token_socket(plain)

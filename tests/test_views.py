@@ -9,7 +9,7 @@ from django.contrib.auth import get_user_model
 from django.urls import resolve, reverse
 
 from conversations.models import TITLE_LENGTH, Conversation, Message
-from tests.conftest import PASSWORD
+from tests.helpers import PASSWORD
 
 pytestmark = pytest.mark.django_db
 
