@@ -9,14 +9,25 @@ the list comes from the settings, so it needs no lock."""
 
 import argparse
 import sys
+from typing import TypeVar
 
 import uvicorn
 from fastapi import Depends, FastAPI
 from llama_cpp.server import app as llama_app
-from llama_cpp.server.cli import add_args_from_model, parse_model_from_args
+from llama_cpp.server.cli import add_args_from_model
 from llama_cpp.server.settings import ModelSettings, ServerSettings, Settings
 
 MODELS_PATH = "/v1/models"
+
+SettingsModel = TypeVar("SettingsModel", ServerSettings, ModelSettings)
+
+
+def settings_from(model: type[SettingsModel], args: argparse.Namespace) -> SettingsModel:
+    # What llama_cpp.server.cli.parse_model_from_args does, typed as it is
+    # called (its own annotation takes an instance where it means the class).
+    return model(
+        **{k: v for k, v in vars(args).items() if v is not None and k in model.model_fields}
+    )
 
 
 async def list_models() -> dict:
@@ -25,7 +36,7 @@ async def list_models() -> dict:
         "object": "list",
         "data": [
             {"id": alias, "object": "model", "owned_by": "me", "permissions": []}
-            for alias in llama_app._llama_proxy
+            for alias in llama_app._llama_proxy or ()
         ],
     }
 
@@ -43,8 +54,8 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_args_from_model(parser, Settings)
     args = parser.parse_args(argv)
-    server = parse_model_from_args(ServerSettings, args)
-    model = parse_model_from_args(ModelSettings, args)
+    server = settings_from(ServerSettings, args)
+    model = settings_from(ModelSettings, args)
     uvicorn.run(create_app(server, model), host=server.host, port=server.port)
 
 
