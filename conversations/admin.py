@@ -1,3 +1,5 @@
+from typing import TYPE_CHECKING, TypedDict
+
 from django.contrib import admin
 from django.db.models import Count, OuterRef, Subquery
 from django.db.models.functions import Coalesce
@@ -6,6 +8,21 @@ from django.utils.html import format_html
 
 from .models import ApiToken, Conversation, Message
 
+if TYPE_CHECKING:  # django-stubs-ext is a dev requirement only
+    from django_stubs_ext import WithAnnotations
+
+
+class MessageTotal(TypedDict):
+    """What ConversationAdmin.get_queryset annotates each row with."""
+
+    message_total: int
+
+
+# Plain names, as they are the read-only fields too (`fields` alone may hold
+# groups of names). A tuple, as the admin's attributes accept either and only
+# a tuple of str is also a tuple of "str or group" (a list is invariant).
+MESSAGE_FIELDS = ("created", "role", "status", "model", "content", "superseded")
+
 
 class MessageInline(admin.TabularInline):
     model = Message
@@ -13,8 +30,7 @@ class MessageInline(admin.TabularInline):
     can_delete = False
     show_change_link = True
     ordering = ["created", "pk"]
-    fields = ["created", "role", "status", "model", "content", "superseded"]
-    readonly_fields = fields
+    fields = readonly_fields = MESSAGE_FIELDS
 
     def has_add_permission(self, request, obj=None) -> bool:
         return False
@@ -55,7 +71,7 @@ class ConversationAdmin(admin.ModelAdmin):
         return format_html('<a href="{}">{}</a>', url, obj.owner.get_username())
 
     @admin.display(description="messages", ordering="message_total")
-    def message_count(self, obj: Conversation) -> int:
+    def message_count(self, obj: "WithAnnotations[Conversation, MessageTotal]") -> int:
         return obj.message_total
 
 

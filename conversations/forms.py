@@ -3,11 +3,22 @@ the model field, TITLE_LENGTH or settings.CHAT_MAX_CONTENT."""
 
 from django import forms
 from django.conf import settings
+from django.db import models
 
 from .models import TITLE_LENGTH, ApiToken, Conversation
 
-MODEL_LENGTH = Conversation._meta.get_field("model").max_length
-TOKEN_NAME_LENGTH = ApiToken._meta.get_field("name").max_length
+
+def max_length(model: type[models.Model], name: str) -> int:
+    """A CharField's max_length: get_field() may return a relation, and a
+    field's max_length may be None, neither of which these are."""
+    field = model._meta.get_field(name)
+    if not isinstance(field, models.CharField) or field.max_length is None:
+        raise TypeError(f"{model.__name__}.{name} is not a CharField with a max_length.")
+    return field.max_length
+
+
+MODEL_LENGTH = max_length(Conversation, "model")
+TOKEN_NAME_LENGTH = max_length(ApiToken, "name")
 
 
 class LineField(forms.CharField):
@@ -19,7 +30,10 @@ class LineField(forms.CharField):
         super().__init__(**kwargs)
 
     def to_python(self, value) -> str:
-        return " ".join(super().to_python(value).split())[: self.cut_to].rstrip()
+        text = super().to_python(value)
+        # None only with empty_value=None, which no LineField sets.
+        assert text is not None
+        return " ".join(text.split())[: self.cut_to].rstrip()
 
 
 class RenameForm(forms.Form):

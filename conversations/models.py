@@ -5,10 +5,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import models, transaction
 from django.db.models.signals import post_delete
@@ -16,6 +15,7 @@ from django.dispatch import receiver
 from django.urls import reverse
 from django.utils import timezone
 
+from .layers import channel_layer
 from .protocol import INTERRUPTED_TEXT, MAX_MODEL, ErrorCode, SendRequest
 
 TITLE_LENGTH = 80
@@ -44,11 +44,16 @@ class ConversationQuerySet(models.QuerySet):
         (DoesNotExist otherwise). Also says whether it is new and whether
         its settings changed."""
         if pk is None:
-            conversation = self.create(
-                owner=user,
-                model=model or default_model,
-                system_prompt=system or "",
-                options=options or {},
+            # django-stubs types `self` in a QuerySet subclass with an unbound
+            # model type, so create() says _Model; it makes a Conversation.
+            conversation = cast(
+                "Conversation",
+                self.create(
+                    owner=user,
+                    model=model or default_model,
+                    system_prompt=system or "",
+                    options=options or {},
+                ),
             )
             return conversation, True, False
         conversation = self.for_user(user).get(pk=pk)
@@ -83,6 +88,8 @@ class ConversationQuerySet(models.QuerySet):
         user_message, reply, _ = conversation.start_turn(
             request.content, conversation.model, conversation.options
         )
+        # A send always carries content, so start_turn saved a user message.
+        assert user_message is not None
         return Turn(conversation, created, changed, user_message, reply)
 
 
@@ -450,7 +457,7 @@ class ApiToken(models.Model):
 
 def close_token_sockets(group: str) -> None:
     """Sockets opened with a token close now, in whichever process."""
-    async_to_sync(get_channel_layer().group_send)(group, {"type": "token.revoked"})
+    async_to_sync(channel_layer().group_send)(group, {"type": "token.revoked"})
 
 
 @receiver(post_delete, sender=Conversation)

@@ -79,6 +79,14 @@ class Child:
         self.given_up = False
         self._copier: threading.Thread | None = None
 
+    @property
+    def started(self) -> subprocess.Popen:
+        """The process, for code that runs only after start() (it stays set
+        after the process exits)."""
+        if self.process is None:
+            raise RuntimeError(f"{self.name} has not been started.")
+        return self.process
+
     def start(self, out: Callable[[str], None]) -> None:
         self.process = subprocess.Popen(
             self.command,
@@ -93,8 +101,11 @@ class Child:
 
     def _copy_output(self, out: Callable[[str], None]) -> None:
         # Read as bytes: a dying native library may write anything.
+        stdout = self.started.stdout
+        if stdout is None:  # start() always asks for a pipe
+            raise RuntimeError(f"{self.name} has no output pipe.")
         with self.log.open("ab") as log:
-            for line in self.process.stdout:
+            for line in stdout:
                 log.write(line)
                 log.flush()
                 if self.echo:
@@ -155,7 +166,7 @@ class Supervisor:
     def start(self, child: Child) -> None:
         self.children.append(child)
         child.start(self.out)
-        self.out(f"Started {child.name} (pid {child.process.pid}); its output goes to {child.log}")
+        self.out(f"Started {child.name} (pid {child.started.pid}); its output goes to {child.log}")
 
     def check(self) -> None:
         """One round: report deaths, restart whoever is due, announce readiness."""
@@ -166,9 +177,9 @@ class Supervisor:
             if child.restart_at is not None:
                 if now >= child.restart_at:
                     child.start(self.out)
-                    self.out(f"Restarted {child.name} (pid {child.process.pid}).")
+                    self.out(f"Restarted {child.name} (pid {child.started.pid}).")
                 continue
-            returncode = child.process.poll()
+            returncode = child.started.poll()
             if returncode is not None and not self.stopping:
                 self._died(child, returncode, now)
             elif not child.ready and child.probe and answers(child.probe):
@@ -180,7 +191,7 @@ class Supervisor:
         child.finished_output()
         child.deaths += 1
         child.ready = False
-        self.out(f"{child.name} (pid {child.process.pid}) {describe_exit(returncode)}.")
+        self.out(f"{child.name} (pid {child.started.pid}) {describe_exit(returncode)}.")
         self.out(f"The last lines of {child.log}:")
         for line in child.tail():
             self.out(f"  | {line}")
