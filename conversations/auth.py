@@ -24,7 +24,10 @@ class TokenAuthMiddleware:
         self.inner = inner
 
     async def __call__(self, scope, receive, send):
-        token = await database_sync_to_async(ApiToken.objects.authenticate)(bearer_token(scope))
+        plain = bearer_token(scope)
+        if plain is None:  # websocket_auth sends only scopes with a token here
+            raise ValueError("TokenAuthMiddleware needs an Authorization: Bearer token.")
+        token = await database_sync_to_async(ApiToken.objects.authenticate)(plain)
         scope = {
             **scope,
             "user": token.user if token else AnonymousUser(),

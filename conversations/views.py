@@ -8,6 +8,7 @@ from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
+from django.contrib.auth.models import User
 from django.core.exceptions import BadRequest
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -40,7 +41,10 @@ class Refused(BadRequest):
     def from_form(cls, form: forms.Form) -> "Refused":
         too_large = any(form.has_error(name, "max_length") for name in form.errors)
         message = next(iter(form.errors.values()))[0]
-        return cls(ErrorCode.TOO_LARGE if too_large else ErrorCode.BAD_REQUEST, message)
+        # ErrorList.__getitem__ returns the message; the stubs give the item
+        # type of its UserList of ValidationErrors instead.
+        code = ErrorCode.TOO_LARGE if too_large else ErrorCode.BAD_REQUEST
+        return cls(code, message)  # type: ignore[arg-type]
 
 
 def json_errors(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
@@ -161,7 +165,7 @@ def conversation_settings(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
 def signup(request: HttpRequest) -> HttpResponse:
     if request.user.is_authenticated:
         return redirect("conversations:chat")
-    form = UserCreationForm(request.POST or None)
+    form: UserCreationForm[User] = UserCreationForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
