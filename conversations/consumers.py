@@ -6,8 +6,9 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
+from channels.auth import UserLazyObject
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
@@ -25,7 +26,7 @@ RENEW_EVERY = 3600  # seconds
 class ChatConsumer(AsyncJsonWebsocketConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.user = None
+        self.user: UserLazyObject | None = None
         self.token: ApiToken | None = None
         self.subscriptions: set[str] = set()
         self.held = HeldReplies()
@@ -36,7 +37,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.user is None or not self.user.is_authenticated:
             await self.close()
             return
-        self.token = self.scope.get("api_token")
+        # Set by auth.TokenAuthMiddleware; the scope's values are typed object.
+        self.token = cast("ApiToken | None", self.scope.get("api_token"))
         if self.token is not None:
             await self.channel_layer.group_add(self.token.group, self.channel_name)
         await self.accept()
@@ -59,7 +61,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 replies.conversation_group(conversation_id), self.channel_name
             )
 
-    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None):
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
         try:
             frame = protocol.decode(text_data)
         except FrameError as exc:
@@ -67,7 +71,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         await self.receive_json(frame)
 
-    async def receive_json(self, frame: Any, **kwargs) -> None:
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        frame = content  # the base class's name for it
         request_id = protocol.request_id(frame)
         try:
             handler = self.handlers[protocol.frame_type(frame)]
@@ -135,8 +140,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             raise protocol.bad_request(protocol.NOTHING_TO_ANSWER_TEXT) from None
         await self.subscribe(conversation)
         if superseded is not None:
-            frame = protocol.message_frame(conversation.pk, superseded.as_frame())
-            await replies.broadcast(conversation.pk, frame)
+            superseded_frame = protocol.message_frame(conversation.pk, superseded.as_frame())
+            await replies.broadcast(conversation.pk, superseded_frame)
         self.start_reply(conversation, reply, request_id)
 
     async def on_subscribe(self, frame: dict, request_id: str | None) -> None:
@@ -145,7 +150,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # reaches us, and self.held drops the ones the snapshots already hold.
         await self.subscribe(conversation)
         await self.send_frame(protocol.conversation_frame(conversation), request_id)
-        messages = await database_sync_to_async(list)(conversation.visible_messages())
+        visible = conversation.visible_messages()
+        # A lambda, as the stubs reject database_sync_to_async(list)(...).
+        messages = await database_sync_to_async(lambda: list(visible))()
         for message in messages:
             await self.send_frame(await self.current_frame(message), request_id)
 
@@ -174,6 +181,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             raise FrameError(ErrorCode.NOT_FOUND, protocol.NOT_FOUND_TEXT) from None
 
     async def check_rate(self) -> None:
+        if self.user is None:  # connect() closed a socket without one
+            raise RuntimeError("check_rate on a socket without a user")
         allowance = await allow_send(self.user.pk)
         if not allowance.allowed:
             raise protocol.rate_limited(allowance.retry_after)
@@ -263,8 +272,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if conversation_id is not None and conversation_id not in self.subscriptions:
             return  # arrived after an unsubscribe
         if frame["type"] == "start":
+            # Starts and deltas come only by replies.broadcast(), which names
+            # the conversation; a direct event to one socket is an error.
+            assert conversation_id is not None
             self.held.started(frame["message"], conversation_id)
         elif frame["type"] == "delta":
+            assert conversation_id is not None
             verdict = self.held.accept(frame["message"], frame["seq"], conversation_id)
             if verdict == Verdict.SKIP:
                 return

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,7 +232,7 @@ def _reasoning_of(delta: Any) -> str:
 
 async def stream_chat(
     messages: list[dict[str, str]], model: str, options: dict[str, Any] | None = None
-) -> AsyncIterator[Delta | ServedBy | Usage]:
+) -> AsyncGenerator[Delta | ServedBy | Usage, None]:
     """Yield Delta pieces of the answer as they arrive, with one ServedBy
     when the server first names its model, then one Usage.
     Raises LLMError. Closing the generator closes the HTTP request, which
@@ -243,7 +243,9 @@ async def stream_chat(
     usage: Usage | None = None
     finished = started = named = False
     try:
-        stream = await _client().chat.completions.create(
+        # openai types messages as TypedDicts per role, and ours are plain
+        # dicts of role and content; the options splat as dict[str, Any].
+        stream = await _client().chat.completions.create(  # type: ignore[call-overload]
             model=model,
             messages=messages,
             stream=True,

@@ -10,15 +10,16 @@ import asyncio
 import copy
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 
 from . import llm, protocol
+from .layers import channel_layer
 from .models import Conversation, Message
 
 logger = logging.getLogger(__name__)
@@ -67,20 +68,22 @@ async def wait_all(timeout: float = 10.0) -> None:
     await asyncio.gather(*late, return_exceptions=True)
 
 
-async def broadcast(conversation_id: Any, frame: dict[str, Any], skip: str | None = None) -> None:
+async def broadcast(
+    conversation_id: Any, frame: Mapping[str, object], skip: str | None = None
+) -> None:
     """Send a frame to every socket subscribed to the conversation, in any
     process; but the socket whose channel is skip."""
     event = {"type": "chat.event", "conversation": str(conversation_id), "frame": frame}
     if skip is not None:
         event["skip"] = skip
-    await get_channel_layer().group_send(conversation_group(conversation_id), event)
+    await channel_layer().group_send(conversation_group(conversation_id), event)
 
 
 async def announce_deleted(conversation_id: str) -> None:
     """Every socket subscribed to the conversation, in any process, is told
     it is gone and leaves it."""
     event = {"type": "chat.deleted", "conversation": conversation_id}
-    await get_channel_layer().group_send(conversation_group(conversation_id), event)
+    await channel_layer().group_send(conversation_group(conversation_id), event)
 
 
 def _stop_key(message_id: Any) -> str:
@@ -91,14 +94,14 @@ async def request_stop(conversation_id: Any, message_id: Any) -> None:
     """Stop a reply wherever it runs. The note in the cache covers a reply
     that has not started listening yet (its process may be another)."""
     await cache.aset(_stop_key(message_id), True, timeout=300)
-    await get_channel_layer().group_send(control_group(conversation_id), {"type": "reply.stop"})
+    await channel_layer().group_send(control_group(conversation_id), {"type": "reply.stop"})
 
 
 async def snapshot(conversation_id: Any, message_id: Any, wait: float = 1.0) -> dict | None:
     """The live frame of a reply in progress, from whichever process is
     writing it, or None if nobody answers (it has just ended, or its
     process died)."""
-    layer = get_channel_layer()
+    layer = channel_layer()
     inbox = await layer.new_channel()
     await layer.group_send(
         control_group(conversation_id),
@@ -164,7 +167,7 @@ class ReplyWriter:
         self.message_id = str(message.pk)
         self.origin = origin
         self.request_id = request_id
-        self.layer = get_channel_layer()
+        self.layer = channel_layer()
         self.group = conversation_group(self.conversation_id)
         # What the clients have been sent (seq deltas in all), and what is
         # waiting for the next coalesced delta.
@@ -207,6 +210,9 @@ class ReplyWriter:
             except llm.LLMError as exc:
                 error = exc
             if self.stream.cancelled():
+                # Only _cancel (a Stop or a shutdown) sets the outcome before
+                # cancelling; a cancel without one was re-raised above.
+                assert self.outcome is not None
                 status = self.outcome
                 if status == Message.Status.INTERRUPTED:
                     error = llm.LLMError(protocol.ErrorCode.INTERRUPTED, protocol.INTERRUPTED_TEXT)
