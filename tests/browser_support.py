@@ -133,9 +133,9 @@ def all_prefixes(history: list[dict], full: str) -> bool:
 # ---------------------------------------------------------------- the site's database
 
 
-def site_sql(site: Site, query: str, params: tuple) -> tuple | None:
-    """Run one statement on the site's own database; the first row it returns.
-    A uuid.UUID parameter is passed as each database keeps it."""
+def site_write(site: Site, query: str, params: tuple) -> None:
+    """Run one writing statement on the site's own database (reads go through
+    Site.messages()). A uuid.UUID parameter is passed as each database keeps it."""
     url = site.env["DATABASE_URL"]
     if url.startswith("sqlite"):
         # Django keeps a UUID as 32 hex digits, and a datetime as UTC text, in SQLite.
@@ -148,13 +148,12 @@ def site_sql(site: Site, query: str, params: tuple) -> tuple | None:
             for p in params
         )
         with sqlite3.connect(urlparse(url).path) as db:
-            row = db.execute(query.replace("%s", "?"), params).fetchone()
+            db.execute(query.replace("%s", "?"), params)
     else:
         import psycopg
 
         with psycopg.connect(url) as db:
-            row = db.execute(query, params).fetchone()
-    return tuple(row) if row else None
+            db.execute(query, params)
 
 
 def site_message(site: Site, message_id: str) -> tuple[str, str, str, str] | None:
@@ -166,7 +165,7 @@ def site_message(site: Site, message_id: str) -> tuple[str, str, str, str] | Non
 def set_updated(site: Site, conversation: str, when: datetime) -> None:
     """Make a conversation look last used at `when` (an aware datetime)."""
     query = "UPDATE conversations_conversation SET updated = %s WHERE id = %s"
-    site_sql(site, query, (when, uuid.UUID(conversation)))
+    site_write(site, query, (when, uuid.UUID(conversation)))
 
 
 def eventually(read, until, timeout: float = 10.0):
