@@ -123,16 +123,18 @@ async def receive_uncancelled(receiving: asyncio.Future, timeout: float = 10.0) 
     receive cancelled while it waits for that pop loses the message, which
     may be another socket's delta (django/channels_redis#366). Cancelled only
     if it has not ended after timeout seconds (Redis gone, say)."""
+    # asyncio.wait, unlike awaiting the receive itself, neither cancels it
+    # nor swallows a cancellation of the task that waits here.
     if not (await asyncio.wait({receiving}, timeout=timeout))[0]:
         logger.warning("a channel-layer receive did not end; cancelling it")
         receiving.cancel()
-    try:
-        return await receiving
-    except asyncio.CancelledError:
+        await asyncio.wait({receiving})
+    if receiving.cancelled():
         return None
-    except Exception:
-        logger.exception("a channel-layer receive failed")
+    if (error := receiving.exception()) is not None:
+        logger.error("a channel-layer receive failed", exc_info=error)
         return None
+    return receiving.result()
 
 
 async def current(message: Message) -> dict[str, Any]:
