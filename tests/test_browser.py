@@ -552,14 +552,27 @@ def test_conversation_and_deleted_frames_update_the_page(page, site):
     finished(last_reply(page))
     chat_id = conversation_id(page)
     routes = []
+    from_server: list[dict] = []
 
     def pass_through(ws):
         routes.append(ws)
-        ws.connect_to_server()
+        server = ws.connect_to_server()
+
+        def forward(message):
+            from_server.append(json.loads(message))
+            ws.send(message)
+
+        server.on_message(forward)
 
     page.route_web_socket(re.compile(r"/ws/chat/$"), pass_through)
     page.reload()
     wait_until_ready(page)
+    # The page's own subscribe answers with the stored conversation frame: a
+    # frame put in before that answer is through would be overwritten by it.
+    for _ in range(200):
+        if sum(f.get("type") == "message" for f in from_server) >= 2:
+            break
+        page.wait_for_timeout(50)
     item = page.locator(f'#conversation-list li[data-id="{chat_id}"]')
 
     changed = {
