@@ -710,6 +710,21 @@ def test_hostile_model_output_is_inert(new_context, site, bypass_csp):
         assert context.pages == [page], "a click opened another window"
 
 
+def test_raw_html_blocks_are_shown_as_preformatted_text(page):
+    """The sanitiser's class allow-list and the CSS must agree: the renderer's
+    own raw-html wrapper keeps its class (so its style applies), while a class
+    the model writes itself is still stripped."""
+    choose_model(page, "fake:echo=raw")
+    send(page, '<div class="composer">\n  <b>indented</b>\n</div>')
+    reply = last_reply(page)
+    finished(reply)
+    block = answer(reply).locator("div.raw-html")
+    expect(block).to_have_count(1)
+    expect(block).to_have_text('<div class="composer">\n  <b>indented</b>\n</div>')
+    assert block.evaluate("(el) => getComputedStyle(el).whiteSpace") == "pre-wrap"
+    assert answer(reply).locator(".composer, b").count() == 0
+
+
 def test_reasoning_shows_in_a_thinking_block(page):
     model = "fake-think:delay=0.2"
     choose_model(page, model)

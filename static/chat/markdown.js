@@ -49,10 +49,14 @@ const PURIFY_CONFIG = {
 };
 
 purify.addHook("uponSanitizeAttribute", (node, data) => {
-  // The only class we let through is marked's language hint on code blocks,
-  // so model output cannot borrow the page's own classes to imitate its UI.
+  // The only classes we let through are marked's language hint on code
+  // blocks and our renderer's raw-html wrapper (whose style is only
+  // monospace text), so model output cannot borrow the page's own classes
+  // to imitate its UI.
   if (data.attrName === "class") {
-    data.keepAttr = node.nodeName === "CODE" && /^language-[\w+#.-]{1,40}$/.test(data.attrValue);
+    data.keepAttr =
+      (node.nodeName === "CODE" && /^language-[\w+#.-]{1,40}$/.test(data.attrValue)) ||
+      (node.nodeName === "DIV" && data.attrValue === "raw-html");
   }
 });
 
