@@ -4,6 +4,7 @@ per server frame. Nothing here touches the database or the channel layer,
 so every rule can be tested as a plain function call."""
 
 import json
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
@@ -129,6 +130,10 @@ def frame_type(frame: Any) -> str:
         value = frame.get(name)
         if isinstance(value, str) and not _encodable(value):
             raise bad_request(f"{name} is not valid Unicode text.")
+        if isinstance(value, str) and "\x00" in value:
+            # Postgres cannot store U+0000 in text, SQLite can: refuse it on
+            # both, so a site behaves the same whatever its database.
+            raise bad_request(f"{name} may not contain NUL characters.")
     return kind
 
 
@@ -141,7 +146,7 @@ def send_request(frame: dict) -> SendRequest:
             ErrorCode.TOO_LARGE,
             f"A message is limited to {settings.CHAT_MAX_CONTENT} characters.",
         )
-    if not content.strip():
+    if not _visible(content):
         raise bad_request("content must not be empty.")
     model = _optional_str(frame, "model", MAX_MODEL)
     system = _optional_str(frame, "system", settings.CHAT_MAX_CONTENT)
@@ -160,6 +165,31 @@ def conversation_id(frame: dict) -> str:
         return str(uuid.UUID(value))
     except ValueError:
         raise FrameError(ErrorCode.NOT_FOUND, NOT_FOUND_TEXT) from None
+
+
+# Characters that draw nothing but are letters or marks to Unicode: the
+# Hangul fillers, the braille blank, the combining grapheme joiner, the
+# Khmer inherent vowels and the variation selectors.
+_BLANK = frozenset(
+    "\u115f\u1160\u3164\uffa0\u2800\u034f\u17b4\u17b5" + "".join(map(chr, range(0xFE00, 0xFE10)))
+)
+# Controls, format characters (zero-width space and joiners, the BOM,
+# bidi marks) and separators.
+_UNSEEN_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def _visible(text: str) -> bool:
+    """Whether the text shows anything: a message of only spaces, zero-width
+    characters and blank letters would be an empty bubble to every reader."""
+    return any(
+        not (
+            char.isspace()
+            or char in _BLANK
+            or "\U000e0100" <= char <= "\U000e01ef"  # variation selectors 17-256
+            or unicodedata.category(char) in _UNSEEN_CATEGORIES
+        )
+        for char in text
+    )
 
 
 def _encodable(text: str) -> bool:

@@ -187,6 +187,21 @@ async def test_options_are_saved_and_sent_to_the_model(alice, fake_llm):
         pytest.param("[" * 100_000 + "]" * 100_000, "bad_request", id="deeply-nested"),
         ('{"type": {"a": 1}}', "bad_request"),
         ('{"type": "send", "conversation": null, "content": "\\ud800 hi"}', "bad_request"),
+        pytest.param(
+            '{"type": "send", "conversation": null, "content": "a\\u0000b"}',
+            "bad_request",
+            id="a-nul-in-content",
+        ),
+        pytest.param(
+            '{"type": "send", "conversation": null, "content": "hi", "system": "\\u0000"}',
+            "bad_request",
+            id="a-nul-in-system",
+        ),
+        pytest.param(
+            '{"type": "send", "conversation": null, "content": "\\u200b\\u2060"}',
+            "bad_request",
+            id="only-zero-width-content",
+        ),
         (
             '{"type": "send", "conversation": null, "content": "hi", "model": "\\udfff"}',
             "bad_request",

@@ -83,6 +83,9 @@ def test_frame_type_takes_every_client_frame(kind):
         pytest.param(send(content="\ud800 hi"), "content is not valid", id="surrogate-content"),
         pytest.param(send(system="\udfff"), "system is not valid", id="surrogate-system"),
         pytest.param(send(model="\udfff"), "model is not valid", id="surrogate-model"),
+        pytest.param(send(content="a\x00b"), "content may not contain NUL", id="nul-content"),
+        pytest.param(send(system="\x00"), "system may not contain NUL", id="nul-system"),
+        pytest.param(send(model="m\x00"), "model may not contain NUL", id="nul-model"),
     ],
 )
 def test_frame_type_refuses_as_bad_request(frame, reason):
@@ -137,6 +140,10 @@ def test_send_request_options_keep_their_kinds():
         pytest.param({"content": 5}, "bad_request", id="content-a-number"),
         pytest.param({"content": ""}, "bad_request", id="content-empty"),
         pytest.param({"content": " \n\t "}, "bad_request", id="content-whitespace"),
+        pytest.param({"content": "\u200b\u200d\ufeff"}, "bad_request", id="content-zero-width"),
+        pytest.param({"content": "\u3164 \u2800\xa0"}, "bad_request", id="content-blank-letters"),
+        pytest.param({"content": "\u2060\u034f\u180e\n"}, "bad_request", id="content-joiners"),
+        pytest.param({"content": "\x01\x7f\x9f"}, "bad_request", id="content-controls"),
         pytest.param({"content": "x" * 32_001}, "too_large", id="content-over-the-limit"),
         pytest.param({"model": 3}, "bad_request", id="model-a-number"),
         pytest.param({"model": "m" * 201}, "too_large", id="model-over-200"),
@@ -170,6 +177,19 @@ def test_send_request_refuses(fields, code, settings):
 )
 def test_send_request_takes_options_at_their_limits(options):
     assert protocol.send_request(send(options=options)).options == options
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param("\U0001f469\u200d\U0001f4bb", id="an-emoji-joined-by-zwj"),
+        pytest.param("\u200b.", id="a-dot-after-a-zero-width-space"),
+        pytest.param("\u0301", id="a-lone-combining-accent"),
+        pytest.param("\u3000\u4e00", id="a-han-character"),
+    ],
+)
+def test_send_request_takes_content_with_something_to_see(content):
+    assert protocol.send_request(send(content=content)).content == content
 
 
 def test_content_limit_is_the_setting(settings):
