@@ -121,6 +121,9 @@ async def main() -> None:
             fake.base_url,
             processes=args.processes,
             CHAT_RATE_LIMIT="100000",
+            # One user runs every chat: the caps on replies at once would refuse most.
+            CHAT_MAX_REPLIES_PER_USER=str(args.chats + 1),
+            CHAT_MAX_REPLIES="0",
             LOG_LEVEL="WARNING",
         ) as site,
     ):

@@ -205,6 +205,19 @@ CHAT_COALESCE_MS = env_int("CHAT_COALESCE_MS", 30)
 CHAT_SAVE_INTERVAL = env_float("CHAT_SAVE_INTERVAL", 1.0)
 CHAT_MAX_CONTENT = 32_000
 CHAT_RATE_LIMIT = env_int("CHAT_RATE_LIMIT", 30)  # sends per user per minute
+# Replies being written at once, per user and on the whole site (0: no
+# site cap). A site cap protects one model server, which queues or thrashes
+# past a few parallel streams.
+CHAT_MAX_REPLIES_PER_USER = env_int("CHAT_MAX_REPLIES_PER_USER", 3)
+CHAT_MAX_REPLIES = env_int("CHAT_MAX_REPLIES", 16)
+# A reply's length: the most options.max_tokens may ask for, the max_tokens
+# sent when a client asks for none, and where a reply is cut whatever the
+# model server does (tokens counted as streamed chunks); and in characters.
+CHAT_MAX_TOKENS = env_int("CHAT_MAX_TOKENS", 32_000)
+CHAT_MAX_REPLY_CHARS = env_int("CHAT_MAX_REPLY_CHARS", 200_000)
+# Seconds a reply may take in all, however steadily the server streams
+# (LLM_READ_TIMEOUT is per read).
+CHAT_REPLY_DEADLINE = env_float("CHAT_REPLY_DEADLINE", 600.0)
 
 LOGGING = {
     "version": 1,

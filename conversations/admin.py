@@ -98,8 +98,20 @@ class MessageAdmin(admin.ModelAdmin):
         "updated",
         "error_code",
         "error",
+        "error_details",
+        "finish_reason",
     ]
     fields = [*readonly_fields[:2], "content", "reasoning", *readonly_fields[2:]]
+
+    @admin.display(description="error detail (staff only)")
+    def error_details(self, obj: Message) -> str:
+        # Kept whole (up to llm.DETAIL_LIMIT) with its line breaks: a
+        # server's address, an exception, the start of an error body.
+        return (
+            format_html('<pre class="error-detail">{}</pre>', obj.error_detail)
+            if obj.error_detail
+            else "-"
+        )
 
     @admin.display(description="conversation")
     def conversation_link(self, obj: Message) -> str:

@@ -18,15 +18,28 @@ from .protocol import OPTION_RANGES, ErrorCode
 
 logger = logging.getLogger(__name__)
 
+# What users see of a message from the model server, and what the log and
+# the admin keep of it: a server may answer an error with megabytes.
+USER_TEXT_LIMIT = 300
+DETAIL_LIMIT = 4096
+UNAVAILABLE_TEXT = "The model server is not reachable."
+
+
+def cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class LLMError(Exception):
     """Anything that went wrong with the model server, with a protocol code:
-    upstream_unavailable, model_not_found, upstream_error or timeout."""
+    upstream_unavailable, model_not_found, upstream_error or timeout.
+    message is for users; detail, for the log and staff only, may name the
+    server's address and our exceptions."""
 
-    def __init__(self, code: ErrorCode, message: str):
+    def __init__(self, code: ErrorCode, message: str, detail: str = ""):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.detail = cut(detail, DETAIL_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,11 @@ class ServedBy:
     name asked for (a server with one model answers to any name)."""
 
     model: str
+
+
+@dataclass(frozen=True)
+class LengthCut:
+    """The server ended the answer at max_tokens (finish_reason "length")."""
 
 
 @dataclass(frozen=True)
@@ -78,30 +96,45 @@ def _as_llm_error(exc: BaseException) -> LLMError:
     if isinstance(exc, LLMError):
         return exc
     if isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException)):
-        return LLMError(ErrorCode.TIMEOUT, "The model server took too long to answer.")
+        return LLMError(ErrorCode.TIMEOUT, "The model server took too long to answer.", repr(exc))
     if isinstance(exc, (openai.APIConnectionError, httpx.ConnectError)):
-        return LLMError(
-            ErrorCode.UPSTREAM_UNAVAILABLE,
-            f"Cannot reach the model server at {settings.LLM_BASE_URL}.",
-        )
+        # The address says how our network is laid out: the log and the
+        # admin get it, users a plain sentence.
+        detail = f"cannot reach the model server at {settings.LLM_BASE_URL}: {exc!r}"
+        logger.warning("%s", detail)
+        return LLMError(ErrorCode.UPSTREAM_UNAVAILABLE, UNAVAILABLE_TEXT, detail)
     if isinstance(exc, openai.NotFoundError):
-        return LLMError(ErrorCode.MODEL_NOT_FOUND, _status_message(exc, "The model was not found."))
+        return _status_error(exc, ErrorCode.MODEL_NOT_FOUND, "The model was not found.")
     if isinstance(exc, openai.APIStatusError):
-        return LLMError(
-            ErrorCode.UPSTREAM_ERROR,
-            _status_message(exc, f"The model server answered HTTP {exc.status_code}."),
-        )
+        fallback = f"The model server answered HTTP {exc.status_code}."
+        return _status_error(exc, ErrorCode.UPSTREAM_ERROR, fallback)
     # The texts of the exceptions below say more about us than about the
     # model server: they go to the log, not to the user.
     if isinstance(exc, (httpx.HTTPError, openai.APIError)):
         logger.warning("the model server broke off the answer: %r", exc)
-        return LLMError(ErrorCode.UPSTREAM_ERROR, "The model server broke off the answer.")
-    if isinstance(exc, (ValueError, KeyError, TypeError, AttributeError)):
         return LLMError(
-            ErrorCode.UPSTREAM_ERROR, "The model server sent something that is not a chunk."
+            ErrorCode.UPSTREAM_ERROR, "The model server broke off the answer.", repr(exc)
+        )
+    if isinstance(exc, (ValueError, KeyError, TypeError, AttributeError)):
+        logger.warning("the model server sent something that is not a chunk: %r", exc)
+        return LLMError(
+            ErrorCode.UPSTREAM_ERROR,
+            "The model server sent something that is not a chunk.",
+            repr(exc),
         )
     logger.error("unexpected error from the model server", exc_info=exc)
-    return LLMError(ErrorCode.UPSTREAM_ERROR, "The model server's answer failed unexpectedly.")
+    return LLMError(
+        ErrorCode.UPSTREAM_ERROR, "The model server's answer failed unexpectedly.", repr(exc)
+    )
+
+
+def _status_error(exc: openai.APIStatusError, code: ErrorCode, fallback: str) -> LLMError:
+    """The server's own words reach the user, cut short; the whole answer
+    (cut to DETAIL_LIMIT) goes to the log and to staff."""
+    message = _status_message(exc, fallback)
+    detail = f"HTTP {exc.status_code} from the model server: {message}"
+    logger.warning("%s", cut(detail, DETAIL_LIMIT))
+    return LLMError(code, cut(message, USER_TEXT_LIMIT), detail)
 
 
 def _status_message(exc: openai.APIStatusError, fallback: str) -> str:
@@ -232,16 +265,17 @@ def _reasoning_of(delta: Any) -> str:
 
 async def stream_chat(
     messages: list[dict[str, str]], model: str, options: dict[str, Any] | None = None
-) -> AsyncGenerator[Delta | ServedBy | Usage, None]:
+) -> AsyncGenerator[Delta | ServedBy | LengthCut | Usage, None]:
     """Yield Delta pieces of the answer as they arrive, with one ServedBy
-    when the server first names its model, then one Usage.
+    when the server first names its model, then a LengthCut if the server
+    stopped at max_tokens, then one Usage.
     Raises LLMError. Closing the generator closes the HTTP request, which
     is how the model server learns that the user pressed Stop."""
     params = {k: v for k, v in (options or {}).items() if k in OPTION_RANGES and v is not None}
     splitter = ThinkSplitter()
     chunks = 0
     usage: Usage | None = None
-    finished = started = named = False
+    finished = started = named = cut_short = False
     try:
         # openai types messages as TypedDicts per role, and ours are plain
         # dicts of role and content; the options splat as dict[str, Any].
@@ -262,6 +296,7 @@ async def stream_chat(
                     usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                 for choice in chunk.choices[:1]:
                     finished = finished or choice.finish_reason is not None
+                    cut_short = cut_short or choice.finish_reason == "length"
                     delta = choice.delta
                     if delta is None:
                         continue
@@ -274,13 +309,15 @@ async def stream_chat(
         raise
     except json.JSONDecodeError as exc:
         raise LLMError(
-            ErrorCode.UPSTREAM_ERROR, "The model server sent a malformed chunk."
+            ErrorCode.UPSTREAM_ERROR, "The model server sent a malformed chunk.", repr(exc)
         ) from exc
     except Exception as exc:
         error = _as_llm_error(exc)
         if started and error.code == ErrorCode.UPSTREAM_UNAVAILABLE:
             # The server answered, then the connection dropped mid-answer.
-            error = LLMError(ErrorCode.UPSTREAM_ERROR, "The model server broke off the answer.")
+            error = LLMError(
+                ErrorCode.UPSTREAM_ERROR, "The model server broke off the answer.", error.detail
+            )
         raise error from exc
     if not finished:
         # A connection closed cleanly mid-answer reads like a normal end;
@@ -291,6 +328,8 @@ async def stream_chat(
     rest = splitter.flush()
     if rest.content or rest.reasoning:
         yield rest
+    if cut_short:
+        yield LengthCut()
     # Servers that ignore include_usage still get a count: one chunk is
     # one token for every server we know of.
     yield usage or Usage(None, chunks or None)

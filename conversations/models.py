@@ -9,14 +9,15 @@ from typing import Any, cast
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
-from django.db import models, transaction
+from django.contrib.auth import get_user_model
+from django.db import connection, models, transaction
 from django.db.models.signals import post_delete
 from django.dispatch import receiver
 from django.urls import reverse
 from django.utils import timezone
 
 from .layers import channel_layer
-from .protocol import INTERRUPTED_TEXT, MAX_MODEL, ErrorCode, SendRequest
+from .protocol import INTERRUPTED_TEXT, MAX_MODEL, ErrorCode, SendRequest, too_many_replies
 
 TITLE_LENGTH = 80
 CODE_FENCE = re.compile(r"```[\w+-]*")
@@ -76,7 +77,10 @@ class ConversationQuerySet(models.QuerySet):
     def begin_send(self, user, request: SendRequest, default_model: str) -> "Turn":
         """A `send`, in one trip to the database: where it goes (DoesNotExist
         if not the user's), its settings applied, the saved user message and
-        the reply row to stream into (or Busy)."""
+        the reply row to stream into (or Busy, or too_many_replies)."""
+        # Before for_send, which may lock the conversation's row: the locks
+        # are always taken in the same order, or two sends would deadlock.
+        lock_turns(user.pk)
         conversation, created, changed = self.for_send(
             user,
             request.conversation,
@@ -95,6 +99,26 @@ class ConversationQuerySet(models.QuerySet):
 
 class Busy(Exception):
     """A reply is already being written in this conversation."""
+
+
+# Any fixed number: the key of the Postgres advisory lock that turns take.
+TURN_LOCK = 0x63686174
+
+
+def lock_turns(owner_id: Any) -> None:
+    """Serialise the start of turns, so that two sends at the same instant
+    cannot both pass the reply caps at one below the limit. SQLite needs
+    nothing: its IMMEDIATE transactions already serialise every writer.
+    On Postgres the user's row is locked for the per-user cap, and, with a
+    site cap, an advisory lock held until the transaction ends covers the
+    site-wide count: it makes every turn start wait its turn, which costs
+    a few milliseconds each, little beside a reply's seconds."""
+    if connection.vendor != "postgresql":
+        return
+    if settings.CHAT_MAX_REPLIES:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [TURN_LOCK])
+    get_user_model().objects.select_for_update().filter(pk=owner_id).first()
 
 
 class NothingToAnswer(Exception):
@@ -210,22 +234,36 @@ class Conversation(models.Model):
             .first()
         )
 
+    def check_reply_caps(self) -> None:
+        """Raise too_many_replies if the owner, or the site, already has as
+        many replies being written as the settings allow. Called under
+        lock_turns()."""
+        live = Message.objects.running()
+        per_user = settings.CHAT_MAX_REPLIES_PER_USER
+        if live.filter(conversation__owner_id=self.owner_id).count() >= per_user:
+            raise too_many_replies(per_user, site_wide=False)
+        site = settings.CHAT_MAX_REPLIES
+        if site and live.count() >= site:
+            raise too_many_replies(site, site_wide=True)
+
     @transaction.atomic
     def start_turn(
         self, content: str | None, model: str, options: dict[str, Any]
     ) -> tuple["Message | None", "Message", "Message | None"]:
         """Save the user's message (if any) and the reply row that will be
-        streamed into, or raise Busy. Regenerating passes content=None: the
+        streamed into, or raise Busy (or too_many_replies). Regenerating passes content=None: the
         current last reply is marked superseded (and returned third) and a
         new one written."""
         # Locks the conversation row on Postgres; SQLite serialises the
         # whole transaction (IMMEDIATE mode), so two sends cannot both pass.
+        lock_turns(self.owner_id)
         Conversation.objects.select_for_update().filter(pk=self.pk).first()
         live = self.reply_in_progress()
         if live is not None and not live.is_stale():
             raise Busy
         if live is not None:
             live.mark_interrupted()
+        self.check_reply_caps()
         user_message = superseded = None
         if content is not None:
             user_message = self.messages.create(
@@ -271,6 +309,13 @@ PROCESS_STARTED = timezone.now()
 
 
 class MessageQuerySet(models.QuerySet):
+    def running(self) -> "MessageQuerySet":
+        """Replies being written now: live, and not silent past the
+        dead-writer limit (a reply whose process died stops counting
+        against the caps within Message.stale_after())."""
+        cutoff = timezone.now() - Message.stale_after()
+        return self.filter(status__in=Message.LIVE_STATUSES, updated__gt=cutoff)
+
     def interrupt_orphans(self) -> int:
         """Replies left streaming by a process that died; called at start-up.
         With the in-memory layer there is one process, so every live row
@@ -313,6 +358,16 @@ class Message(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
     error_code = models.CharField(max_length=32, blank=True, choices=ErrorCode.choices)
     error = models.TextField(blank=True)
+    error_detail = models.TextField(
+        blank=True,
+        help_text="For staff only, never sent to users: what the model server or the "
+        "server said when the reply failed (its address, the exception, the answer's body).",
+    )
+    finish_reason = models.CharField(
+        max_length=16,
+        blank=True,
+        help_text='"length" when the reply was cut at a length cap.',
+    )
     model = models.CharField(max_length=MAX_MODEL, blank=True)
     options = models.JSONField(default=dict, blank=True)
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
@@ -381,6 +436,8 @@ class Message(models.Model):
             frame["timing"] = self.timing()
             if self.error_code:
                 frame["error"] = {"code": self.error_code, "message": self.error}
+            if self.finish_reason:
+                frame["finish_reason"] = self.finish_reason
         return frame
 
 

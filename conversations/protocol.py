@@ -26,9 +26,15 @@ CLIENT_FRAMES = ("send", "stop", "regenerate", "subscribe", "unsubscribe", "ping
 OPTION_RANGES: dict[str, tuple[type, float, float]] = {
     "temperature": (float, 0.0, 2.0),
     "top_p": (float, 0.0, 1.0),
-    "max_tokens": (int, 1, 1_000_000),
+    # The maximum is settings.CHAT_MAX_TOKENS, read when a frame is checked
+    # (see option_range); the figure here only shows the shape.
+    "max_tokens": (int, 1, 32_000),
     "seed": (int, -(2**63), 2**63 - 1),
 }
+# end.finish_reason / message.finish_reason of a reply cut at a length cap:
+# the model server's max_tokens or the site's CHAT_MAX_TOKENS and
+# CHAT_MAX_REPLY_CHARS. The reply's status stays `complete`.
+FINISH_LENGTH = "length"
 
 
 class ErrorCode(models.TextChoices):
@@ -46,6 +52,7 @@ class ErrorCode(models.TextChoices):
     TIMEOUT = "timeout"
     SERVER_ERROR = "server_error"
     INTERRUPTED = "interrupted"
+    TOO_MANY_REPLIES = "too_many_replies"
 
 
 # What a reply cut off by its own server process says, however it was noticed.
@@ -81,6 +88,21 @@ def rate_limited(retry_after: int) -> FrameError:
     unit = "second" if retry_after == 1 else "seconds"
     message = f"Too many messages; wait {retry_after} {unit} and try again."
     return FrameError(ErrorCode.RATE_LIMITED, message, retry_after)
+
+
+def too_many_replies(limit: int, site_wide: bool) -> FrameError:
+    if site_wide:
+        message = f"The site is writing {limit} replies at once, its limit; try again shortly."
+    else:
+        message = f"At most {limit} of your replies may be written at once; wait for one to end."
+    return FrameError(ErrorCode.TOO_MANY_REPLIES, message)
+
+
+def option_range(name: str) -> tuple[type, float, float]:
+    kind, low, high = OPTION_RANGES[name]
+    if name == "max_tokens":
+        high = settings.CHAT_MAX_TOKENS
+    return kind, low, high
 
 
 # Client frames.
@@ -217,7 +239,8 @@ def _options(value: Any) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise bad_request("options must be an object.")
     options = {}
-    for name, (kind, low, high) in OPTION_RANGES.items():
+    for name in OPTION_RANGES:
+        kind, low, high = option_range(name)
         option = value.get(name)
         if option is None:
             continue
@@ -285,6 +308,7 @@ class EndFrame(TypedDict):
     usage: dict[str, int | None]
     timing: dict[str, float | int | None]
     error: NotRequired[ErrorDict]
+    finish_reason: NotRequired[str]
 
 
 class ErrorFrame(TypedDict):
@@ -355,6 +379,8 @@ def end_frame(message: "Message") -> EndFrame:
     }
     if message.error_code:
         frame["error"] = {"code": str(message.error_code), "message": message.error}
+    if message.finish_reason:
+        frame["finish_reason"] = message.finish_reason
     return frame
 
 

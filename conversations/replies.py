@@ -176,6 +176,10 @@ class ReplyWriter:
         self.content = self.reasoning = ""
         self.pending_content = self.pending_reasoning = ""
         self.seq = 0
+        # The reply's length so far, against the caps: streamed chunks
+        # (about one token each) and characters of content and reasoning.
+        self.tokens = self.length = 0
+        self.finish_reason = ""
         self.usage = llm.Usage(None, None)
         self.started = time.monotonic()
         self.first_token: float | None = None
@@ -226,12 +230,12 @@ class ReplyWriter:
             await pump
             # What arrived while the pump's last delta was being sent.
             await self._flush()
-        except Exception:  # never leave a row half-written
+        except Exception as exc:  # never leave a row half-written
             # The exception's text may say anything about our internals:
-            # it goes to the log, and the user gets a plain sentence.
+            # it goes to the log and the admin, and the user gets a plain sentence.
             logger.exception("reply %s failed", self.message_id)
             error = error or llm.LLMError(
-                protocol.ErrorCode.UPSTREAM_ERROR, "The reply failed on the server."
+                protocol.ErrorCode.UPSTREAM_ERROR, "The reply failed on the server.", repr(exc)
             )
             status = Message.Status.ERROR
             # Keep every word that arrived, sent to the sockets or not.
@@ -258,24 +262,53 @@ class ReplyWriter:
         return Conversation.objects.get(pk=self.conversation_id).history()
 
     async def _stream(self, history: list[dict[str, str]]) -> None:
-        chunks = llm.stream_chat(history, self.message.model, self.message.options)
+        options = dict(self.message.options or {})
+        if options.get("max_tokens") is None:
+            # Without it a model server may write until its context is full.
+            options["max_tokens"] = settings.CHAT_MAX_TOKENS
+        chunks = llm.stream_chat(history, self.message.model, options)
+        deadline = settings.CHAT_REPLY_DEADLINE
         try:
-            async for piece in chunks:
-                if isinstance(piece, llm.Usage):
-                    self.usage = piece
-                    continue
-                if isinstance(piece, llm.ServedBy):
-                    self.message.model = piece.model[: protocol.MAX_MODEL]
-                    continue
-                if self.first_token is None:
-                    self.first_token = time.monotonic()
-                self.pending_content += piece.content
-                self.pending_reasoning += piece.reasoning
-                self.wake.set()
+            # The read timeout is per read: a server that streams slowly
+            # but steadily would hold a reply, and a model slot, forever.
+            async with asyncio.timeout(deadline):
+                async for piece in chunks:
+                    if isinstance(piece, llm.Usage):
+                        self.usage = piece
+                    elif isinstance(piece, llm.ServedBy):
+                        self.message.model = piece.model[: protocol.MAX_MODEL]
+                    elif isinstance(piece, llm.LengthCut):
+                        self.finish_reason = protocol.FINISH_LENGTH
+                    elif not self._take(piece):
+                        return
+        except TimeoutError:
+            raise llm.LLMError(
+                protocol.ErrorCode.TIMEOUT,
+                f"The reply took longer than {deadline:g} seconds and was cut off there.",
+                f"CHAT_REPLY_DEADLINE ({deadline:g} s) passed",
+            ) from None
         finally:
             # Closing the generator closes the HTTP response: the model
             # server stops generating for a reply nobody will read.
             await chunks.aclose()
+
+    def _take(self, piece: llm.Delta) -> bool:
+        """Queue a piece for the next delta, cut to the length caps; False
+        once the reply has reached one, and must end."""
+        if self.first_token is None:
+            self.first_token = time.monotonic()
+        room = settings.CHAT_MAX_REPLY_CHARS - self.length
+        content = piece.content[:room]
+        reasoning = piece.reasoning[: room - len(content)]
+        self.pending_content += content
+        self.pending_reasoning += reasoning
+        self.length += len(content) + len(reasoning)
+        self.tokens += 1
+        self.wake.set()
+        if self.length >= settings.CHAT_MAX_REPLY_CHARS or self.tokens >= settings.CHAT_MAX_TOKENS:
+            self.finish_reason = protocol.FINISH_LENGTH
+            return False
+        return True
 
     async def _pump(self) -> None:
         """Sends what has arrived as one delta, then waits out the coalescing
@@ -380,12 +413,15 @@ class ReplyWriter:
         message.status = status
         if error is not None:
             message.error_code, message.error = error.code, error.message
+            message.error_detail = error.detail
+        message.finish_reason = self.finish_reason
         if self.first_token is not None:
             message.ttft_ms = round((self.first_token - self.started) * 1000)
         message.duration_ms = round((now - self.started) * 1000)
         message.prompt_tokens = self.usage.prompt_tokens
         message.completion_tokens = self.usage.completion_tokens
-        fields = ["status", "model", "error_code", "error", "ttft_ms", "duration_ms"]
+        fields = ["status", "model", "error_code", "error", "error_detail", "finish_reason"]
+        fields += ["ttft_ms", "duration_ms"]
         fields += ["prompt_tokens", "completion_tokens"]
         for attempt in range(3):
             try:

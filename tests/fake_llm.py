@@ -2,7 +2,7 @@
 
 Behaviour is chosen by the model name, so several processes can share one server
 without shared state: ``BASE[:key=value,...]``, e.g. ``fake:n=5000,delay=0`` or
-``fake:fault=cut,after=5``. See ``parse_model`` for the keys.
+``fake:fault=cut,after=5``, ``fake:endless=1,delay=0``. See ``Spec`` for the keys.
 
 Run standalone with ``python tests/fake_llm.py --port 8911``.
 """
@@ -35,11 +35,20 @@ class Spec:
     n: int
     delay: float
     ttft: float = 0.0
-    fault: str | None = None  # 500 | cut | malformed | stall | html
+    fault: str | None = (
+        None  # 500 | huge (a 500 with a 2 MB message) | cut | malformed | stall | html
+    )
     after: int = 3  # chunks sent before a cut/malformed/stall fault
     stall: float = 30.0
     echo: str | None = None  # "1" (words) | "raw" (5-character chunks)
     served: str | None = None  # the model id the chunks report, as a one-model server does
+    # "1": a runaway server that streams w1 w2 w3 … until the client hangs
+    # up (ENDLESS_LIMIT at most), ignoring max_tokens; n is ignored.
+    endless: str | None = None
+
+
+ENDLESS_LIMIT = 10_000_000
+HUGE_ERROR_SIZE = 2_000_000
 
 
 def parse_model(model: str) -> Spec:
@@ -292,11 +301,16 @@ class FakeLLM:
         if spec.fault == "500":
             error = _error("fake internal error", "server_error")
             return await _send(writer, 500, error)
+        if spec.fault == "huge":
+            message = "fake huge error " + "x" * HUGE_ERROR_SIZE
+            return await _send(writer, 500, _error(message, "server_error"))
         if spec.fault == "html":
             return await _send(writer, 200, b"<html>oops</html>", "text/html")
         if not stream:
             return await self._complete(reader, writer, reply)
         try:
+            if spec.endless:
+                await self._stream_endless(reader, writer, reply)
             await self._stream(reader, writer, reply)
         except (ConnectionError, _ClientGone):
             self._count("cancelled")
@@ -365,6 +379,25 @@ class FakeLLM:
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         self._count("completed")
+
+    async def _stream_endless(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: _Reply
+    ) -> None:
+        """Raise _ClientGone or ConnectionError when the client leaves, which
+        is the only way this stream ends short of ENDLESS_LIMIT chunks."""
+        model = reply.spec.served or reply.model
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        for i in range(1, ENDLESS_LIMIT + 1):
+            if i > 1 and reply.spec.delay and await _sleep_or_eof(reader, reply.spec.delay):
+                raise _ClientGone
+            if reader.at_eof():
+                raise _ClientGone
+            event = _chunk(model, {"content": f"w{i} "})
+            await _send_event(writer, b"data: %s\n\n" % json.dumps(event).encode())
+        raise _ClientGone  # past the limit: hang up like a crashed server
 
 
 async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes] | None:

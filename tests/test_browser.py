@@ -289,6 +289,37 @@ def test_stop_keeps_the_partial_answer(page, site, fake_llm_server):
     expect(reply.get_by_role("button", name="Regenerate")).to_be_visible()
 
 
+def test_a_reply_cut_at_the_length_limit_says_so(page):
+    """The page's sends get max_tokens 3 on their way to the server (the page
+    has no such setting); the fake model stops there with finish_reason
+    "length", which the page shows, live and after a reload (issue 9, item 2)."""
+
+    def short_sends(ws):
+        server = ws.connect_to_server()
+
+        def to_server(message):
+            frame = json.loads(message)
+            if frame.get("type") == "send":
+                frame["options"] = {**(frame.get("options") or {}), "max_tokens": 3}
+                message = json.dumps(frame)
+            server.send(message)
+
+        ws.on_message(to_server)
+
+    page.route_web_socket(re.compile(r"/ws/chat/$"), short_sends)
+    page.reload()
+    wait_until_ready(page)
+    send(page, "Go on and on")
+    reply = last_reply(page)
+    finished(reply)
+    expect(reply.locator(".meta-status")).to_have_text("Cut off at the length limit")
+    assert answer_text(reply).split() == ["w1", "w2", "w3"]
+
+    page.reload()
+    wait_until_ready(page)
+    expect(last_reply(page).locator(".meta-status")).to_have_text("Cut off at the length limit")
+
+
 def test_reload_mid_reply_continues_without_gap_or_repeat(page, site):
     model = "fake:n=60,delay=0.1"
     choose_model(page, model)

@@ -487,6 +487,7 @@ async def test_a_burst_of_sends_over_several_sockets_passes_exactly_the_limit(
     alice, fake_llm, settings
 ):
     settings.CHAT_RATE_LIMIT = 5
+    settings.CHAT_MAX_REPLIES_PER_USER = 16  # the rate limit alone, not the cap on replies at once
 
     async def answers(ws, socket: int) -> list[dict]:
         ids = {f"s{socket}-{n}" for n in range(4)}

@@ -1,14 +1,17 @@
 """Conversation and Message: querysets, history sent to the model, turns."""
 
+import contextlib
+import threading
 from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import AnonymousUser
+from django.db import connection
 from django.utils import timezone
 
 from conversations import models, replies
 from conversations.models import Busy, Conversation, Message, NothingToAnswer
-from conversations.protocol import SendRequest
+from conversations.protocol import FrameError, SendRequest
 
 pytestmark = pytest.mark.django_db
 
@@ -635,3 +638,111 @@ def test_a_live_reply_is_stale_only_after_three_heartbeats_of_silence(chat):
     assert reply.is_stale()
     reply.status = COMPLETE
     assert not reply.is_stale()
+
+
+# Replies at once (issue 9, item 2)
+
+
+def live_replies(owner, n: int) -> list[Conversation]:
+    """n conversations of owner, each with a reply being written."""
+    conversations = [Conversation.objects.create(owner=owner, model="fake") for _ in range(n)]
+    for conversation in conversations:
+        conversation.start_turn("go", "fake", {})
+    return conversations
+
+
+def test_start_turn_refuses_a_reply_past_the_users_cap_and_saves_nothing(alice, settings):
+    settings.CHAT_MAX_REPLIES_PER_USER = 2
+    live_replies(alice, 2)
+    chat = Conversation.objects.create(owner=alice, model="fake")
+
+    with pytest.raises(FrameError) as refused:
+        chat.start_turn("one too many", "fake", {})
+
+    assert refused.value.code == "too_many_replies"
+    assert refused.value.message == (
+        "At most 2 of your replies may be written at once; wait for one to end."
+    )
+    assert not chat.messages.exists()
+
+
+def test_begin_send_past_the_cap_creates_no_conversation(alice, settings):
+    settings.CHAT_MAX_REPLIES_PER_USER = 1
+    live_replies(alice, 1)
+    request = SendRequest(None, "hello", None, None, None)
+
+    with pytest.raises(FrameError):
+        Conversation.objects.begin_send(alice, request, "fake")
+
+    assert Conversation.objects.filter(owner=alice).count() == 1
+
+
+def test_replies_whose_writer_went_silent_no_longer_count_against_the_cap(alice, settings):
+    settings.CHAT_MAX_REPLIES_PER_USER = 2
+    live_replies(alice, 2)
+    silent = timezone.now() - Message.stale_after() - timedelta(seconds=1)
+    Message.objects.filter(status=Message.Status.STREAMING).update(updated=silent)
+    chat = Conversation.objects.create(owner=alice, model="fake")
+
+    _, reply, _ = chat.start_turn("my turn", "fake", {})
+
+    assert reply.status == Message.Status.STREAMING
+
+
+def test_the_site_cap_counts_every_users_replies_and_zero_means_none(alice, bob, settings):
+    settings.CHAT_MAX_REPLIES = 2
+    live_replies(alice, 1)
+    live_replies(bob, 1)
+    chat = Conversation.objects.create(owner=bob, model="fake")
+    with pytest.raises(FrameError) as refused:
+        chat.start_turn("one too many", "fake", {})
+    assert "The site is writing 2 replies at once" in refused.value.message
+
+    settings.CHAT_MAX_REPLIES = 0
+    _, reply, _ = chat.start_turn("no site cap", "fake", {})
+    assert reply.status == Message.Status.STREAMING
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_sends_at_the_same_instant_cannot_both_pass_at_one_below_the_cap(
+    alice, settings, monkeypatch
+):
+    """Each send counts, then waits (up to 3 s) for the other to have
+    counted too: without a lock both count 2 of 3 and both start a reply;
+    with one, the second cannot count until the first has committed."""
+    if connection.vendor == "sqlite":
+        # SQLite's in-memory test database fails a second writer at once
+        # ("table is locked") where the site's file database, in IMMEDIATE
+        # mode, queues it: only a server database can show the lock here.
+        pytest.skip("needs Postgres: SQLite serialises writers by itself")
+    settings.CHAT_MAX_REPLIES_PER_USER = 3
+    live_replies(alice, 2)
+    chats = [Conversation.objects.create(owner=alice, model="fake") for _ in range(2)]
+    both_counted = threading.Barrier(2, timeout=3)
+    check = Conversation.check_reply_caps
+
+    def check_then_wait(self):
+        check(self)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_counted.wait()
+
+    monkeypatch.setattr(Conversation, "check_reply_caps", check_then_wait)
+    outcomes: list[str] = []
+
+    def send(chat):
+        try:
+            chat.start_turn("at the same instant", "fake", {})
+            outcomes.append("started")
+        except FrameError as exc:
+            outcomes.append(exc.code)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=send, args=(chat,)) for chat in chats]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert sorted(outcomes) == ["started", "too_many_replies"]
+    assert Message.objects.running().filter(conversation__owner=alice).count() == 3

@@ -21,6 +21,7 @@ class Msg {
     this.usage = null;
     this.timing = null;
     this.error = null;
+    this.finishReason = "";
     this.reasoningToggledByUser = false;
     this.view = role === "assistant" ? new MarkdownView($(".content", el)) : null;
   }
@@ -111,7 +112,9 @@ export function applyMessage(msg, { reset = false } = {}) {
   setMeta($(".meta-tokens", el), Number.isFinite(usage.completion_tokens) ? `${usage.completion_tokens} tokens` : "");
   setMeta($(".meta-ttft", el), Number.isFinite(timing.ttft_ms) ? `first token ${formatSeconds(timing.ttft_ms)}` : "");
   setMeta($(".meta-speed", el), Number.isFinite(timing.tokens_per_s) ? `${timing.tokens_per_s.toFixed(1)} tok/s` : "");
-  setMeta($(".meta-status", el), msg.status === "stopped" ? "Stopped" : "");
+  // "length": the reply reached max_tokens or the site's length cap.
+  const cut = msg.status === "complete" && msg.finishReason === "length";
+  setMeta($(".meta-status", el), msg.status === "stopped" ? "Stopped" : cut ? "Cut off at the length limit" : "");
 
   const failed = FAILED.has(msg.status);
   const errorBox = $(".message-error", el);

@@ -141,6 +141,7 @@ const HANDLERS = {
       msg.usage = snap.usage || null;
       msg.timing = snap.timing || null;
       msg.error = normaliseError(snap.error, snap.status);
+      msg.finishReason = snap.finish_reason || "";
       applyMessage(msg, { reset: true });
     }
     if (snap.role === "assistant" && LIVE.has(msg.status)) pending.replyStarted(state.current);
@@ -197,6 +198,7 @@ const HANDLERS = {
     if (frame.usage) msg.usage = frame.usage;
     if (frame.timing) msg.timing = frame.timing;
     msg.error = normaliseError(frame.error, msg.status);
+    msg.finishReason = frame.finish_reason || "";
     applyMessage(msg);
     pending.replyStarted(state.current);
     updateComposer();
@@ -204,7 +206,9 @@ const HANDLERS = {
     else if (msg.status === "complete") setLlm("ok");
     announce(
       msg.status === "complete"
-        ? "Reply finished."
+        ? msg.finishReason === "length"
+          ? "Reply finished: cut off at the length limit."
+          : "Reply finished."
         : msg.status === "stopped"
           ? "Reply stopped."
           : `Reply failed. ${explainError(msg)}`,
