@@ -1,0 +1,196 @@
+"""Issue 9, the HTTP side: login lockout and sign-up throttle (item 3), no
+credentials on a traceback page and no DEBUG beyond loopback (item 7), and
+the smaller holes of item 10 (admin CSP, HTTPS settings, HttpOnly CSRF
+cookie, look-alike user names, a JSON 404 for a missing conversation)."""
+
+import os
+import subprocess
+import sys
+import urllib.error
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management.base import CommandError
+from django.test import Client
+from django.urls import path, reverse
+
+from tests.helpers import PASSWORD
+from tests.live import ROOT, Browser, running_site
+
+pytestmark = pytest.mark.django_db
+
+WRONG = "not the password"
+
+
+def boom(request):
+    raise RuntimeError("a view that fails")
+
+
+# The raising view, for the traceback page (@pytest.mark.urls(__name__)).
+urlpatterns = [path("boom/", boom)]
+
+
+def log_in(client: Client, url: str, username: str, password: str, ip: str = "10.0.0.1"):
+    return client.post(url, {"username": username, "password": password}, REMOTE_ADDR=ip)
+
+
+def logged_in_as(client: Client) -> str | None:
+    return client.session.get("_auth_user_id")
+
+
+# ------------------------------------------------- item 3: login lockout
+
+ADMIN_LOGIN = "/admin/login/"
+
+
+def site_login() -> str:
+    return reverse("login")
+
+
+@pytest.mark.parametrize("url", [site_login, lambda: ADMIN_LOGIN], ids=["site", "admin"])
+def test_sixty_wrong_passwords_then_the_right_one_is_refused(client, admin_user, url):
+    for _ in range(60):
+        log_in(client, url(), admin_user.username, WRONG)
+
+    response = log_in(client, url(), admin_user.username, "password")
+
+    assert response.status_code == 429
+    assert logged_in_as(client) is None
+    page = response.content.decode()
+    assert "Too many failed logins" in page
+    assert "paused for 15 minutes" in page
+
+
+def test_a_username_is_locked_out_from_every_address(client, alice):
+    for attempt in range(10):
+        log_in(client, site_login(), "alice", WRONG, ip=f"10.0.1.{attempt}")
+
+    response = log_in(client, site_login(), "alice", PASSWORD, ip="10.0.2.1")
+
+    assert response.status_code == 429
+    assert logged_in_as(client) is None
+
+
+def test_an_address_guessing_at_many_names_is_locked_out_for_every_name(client, alice):
+    for attempt in range(10):
+        log_in(client, site_login(), f"someone-{attempt}", WRONG, ip="10.0.3.1")
+
+    response = log_in(client, site_login(), "alice", PASSWORD, ip="10.0.3.1")
+
+    assert response.status_code == 429
+    assert logged_in_as(client) is None
+    # Another address logs alice in as usual.
+    response = log_in(client, site_login(), "alice", PASSWORD, ip="10.0.3.2")
+    assert response.status_code == 302
+    assert logged_in_as(client) == str(alice.pk)
+
+
+def test_nine_wrong_passwords_still_let_the_right_one_in(client, alice):
+    for _ in range(9):
+        log_in(client, site_login(), "alice", WRONG)
+
+    response = log_in(client, site_login(), "alice", PASSWORD)
+
+    assert response.status_code == 302
+    assert logged_in_as(client) == str(alice.pk)
+
+
+def test_the_lockout_ends_after_the_cool_off(client, alice):
+    from axes.models import AccessAttempt
+
+    for _ in range(10):
+        log_in(client, site_login(), "alice", WRONG)
+    assert log_in(client, site_login(), "alice", PASSWORD).status_code == 429
+
+    # As if the last failure were 15 minutes and a second old.
+    for attempt in AccessAttempt.objects.all():
+        attempt.attempt_time -= timedelta(minutes=15, seconds=1)
+        attempt.save()
+
+    response = log_in(client, site_login(), "alice", PASSWORD)
+    assert response.status_code == 302
+    assert logged_in_as(client) == str(alice.pk)
+
+
+def test_a_locked_out_user_keeps_their_api_tokens(client, alice):
+    from conversations.models import ApiToken
+
+    _, plain = ApiToken.issue(alice, "script")
+    for _ in range(10):
+        log_in(client, site_login(), "alice", WRONG)
+
+    assert ApiToken.objects.authenticate(plain).user == alice
+
+
+# ------------------------------------------------- item 3: sign-up throttle
+
+
+def sign_up(client: Client, username: str, ip: str = "10.0.4.1"):
+    fields = {"username": username, "password1": PASSWORD, "password2": PASSWORD}
+    return client.post(reverse("signup"), fields, REMOTE_ADDR=ip)
+
+
+def test_an_address_creates_five_accounts_an_hour_then_is_refused(settings):
+    settings.SIGNUP_RATE_LIMIT = 5
+    for number in range(5):
+        assert sign_up(Client(), f"user{number}").status_code == 302
+
+    response = sign_up(Client(), "user5")
+
+    assert response.status_code == 429
+    assert "Too many accounts were created from your network" in response.content.decode()
+    assert not get_user_model().objects.filter(username="user5").exists()
+    # Another address is not held back.
+    assert sign_up(Client(), "user6", ip="10.0.4.2").status_code == 302
+
+
+def test_a_refused_sign_up_does_not_count_against_the_address(settings):
+    settings.SIGNUP_RATE_LIMIT = 1
+    mismatched = {"username": "carol", "password1": PASSWORD, "password2": "other"}
+    for _ in range(3):
+        Client().post(reverse("signup"), mismatched, REMOTE_ADDR="10.0.4.3")
+
+    assert sign_up(Client(), "carol", ip="10.0.4.3").status_code == 302
+
+
+# ------------------------------------------------- item 3, on a live site
+
+
+def http_post(browser, path: str, fields: dict[str, str]) -> int:
+    try:
+        return browser.post(path, fields)[0]
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+@pytest.mark.slow
+def test_the_lockout_holds_across_processes(tmp_path, fake_llm_server):
+    """Failures counted through one daphne lock the name out in the other
+    (the counters are in the database, shared by every process)."""
+    with running_site(tmp_path, fake_llm_server.base_url, processes=2) as site:
+        first, second = Browser(site.url(0)), Browser(site.url(1))
+        first.sign_up("dana")
+        stranger = Browser(site.url(0))
+        wrong = {"username": "dana", "password": WRONG}
+        for _ in range(9):
+            assert http_post(stranger, "/accounts/login/", wrong) == 200
+        assert http_post(stranger, "/accounts/login/", wrong) == 429  # the tenth
+
+        right = {"username": "dana", "password": PASSWORD}
+        status = http_post(second, "/accounts/login/", right)
+
+        assert status == 429
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="counted per process without Redis")
+def test_the_sign_up_limit_holds_across_processes(tmp_path, fake_llm_server):
+    with running_site(
+        tmp_path, fake_llm_server.base_url, processes=2, SIGNUP_RATE_LIMIT="2"
+    ) as site:
+        Browser(site.url(0)).sign_up("erin")
+        Browser(site.url(1)).sign_up("fred")
+        fields = {"username": "gina", "password1": PASSWORD, "password2": PASSWORD}
+
+        assert http_post(Browser(site.url(0)), "/accounts/signup/", fields) == 429
