@@ -9,8 +9,6 @@ from django import forms
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.forms import UserCreationForm
-from django.contrib.auth.models import User
 from django.core.exceptions import BadRequest
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -18,7 +16,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from . import llm, ratelimit
-from .forms import MODEL_LENGTH, RenameForm, SettingsForm, TokenForm
+from .forms import MODEL_LENGTH, RenameForm, SettingsForm, SignupForm, TokenForm
 from .models import TITLE_LENGTH, ApiToken, Conversation
 from .protocol import NOT_FOUND_TEXT, ErrorCode, model_not_found
 
@@ -172,7 +170,7 @@ SIGNUP_LIMITED_TEXT = (
 def signup(request: HttpRequest) -> HttpResponse:
     if request.user.is_authenticated:
         return redirect("conversations:chat")
-    form: UserCreationForm[User] = UserCreationForm(request.POST or None)
+    form = SignupForm(request.POST or None)
     status = 200
     if request.method == "POST" and form.is_valid():
         # Counted once the form is valid, so typos cost nothing; the same IP

@@ -154,6 +154,38 @@ def test_a_refused_sign_up_does_not_count_against_the_address(settings):
     assert sign_up(Client(), "carol", ip="10.0.4.3").status_code == 302
 
 
+# ------------------------------------------------- item 10: look-alike names
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("\u0430lice", id="cyrillic-a"),
+        pytest.param("Alice", id="case"),
+        pytest.param("ALICE", id="upper-case"),
+        pytest.param("\uff41lice", id="fullwidth-a"),
+        pytest.param("a1ice", id="digit-one-for-l"),
+    ],
+)
+def test_a_name_that_looks_like_an_existing_one_is_refused(client, alice, name):
+    response = sign_up(client, name)
+
+    assert response.status_code == 200
+    errors = response.context["form"].errors["username"]
+    assert errors, "the form took the name"
+    assert not get_user_model().objects.filter(username=name).exists()
+
+
+def test_a_look_alike_name_is_told_what_it_looks_like(client, alice):
+    response = sign_up(client, "\u0430lice")
+
+    assert "looks too much like an existing user" in response.content.decode()
+
+
+def test_a_name_in_another_script_that_looks_like_nothing_is_taken(client, alice):
+    assert sign_up(client, "\u0430\u043d\u044f").status_code == 302  # "аня"
+
+
 # ------------------------------------------------- item 3, on a live site
 
 
