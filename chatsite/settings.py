@@ -219,6 +219,10 @@ LOGGING = {
     "loggers": {"daphne": {"level": "WARNING"}, "httpx2": {"level": "WARNING"}},
 }
 
+# A traceback page (DEBUG, or the error mails) shows settings and local
+# variables: credentials inside URLs (REDIS_URL, LLM_BASE_URL, ...) are masked.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "chatsite.debug.CredentialsFilter"
+
 # Login brute force (django-axes). Failures count per IP and, separately,
 # per username, in the database, so every process and both databases share
 # them. Counting per username means anyone can keep a name locked out by

@@ -186,6 +186,50 @@ def test_a_name_in_another_script_that_looks_like_nothing_is_taken(client, alice
     assert sign_up(client, "\u0430\u043d\u044f").status_code == 302  # "аня"
 
 
+# ------------------------------------------------- item 7: the traceback page
+
+REDIS_PASSWORD = "redis-s3cret-pw"
+LLM_PASSWORD = "llm-s3cret-pw"
+
+
+@pytest.mark.urls(__name__)
+def test_the_debug_page_shows_no_password_inside_a_url(settings):
+    redis_url = f"redis://default:{REDIS_PASSWORD}@127.0.0.1:6379/0"
+    settings.DEBUG = True
+    settings.REDIS_URL = redis_url
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"hosts": [{"address": redis_url}]},
+        }
+    }
+    settings.LLM_BASE_URL = f"https://me:{LLM_PASSWORD}@models.example.com/v1"
+    client = Client(raise_request_exception=False)
+
+    response = client.get("/boom/", HTTP_ACCEPT="text/html")
+
+    assert response.status_code == 500
+    page = response.content.decode()
+    assert "a view that fails" in page  # it is the technical page
+    assert REDIS_PASSWORD not in page
+    assert LLM_PASSWORD not in page
+    # The rest of each URL still says which server it was.
+    assert "redis://default:********************@127.0.0.1:6379/0" in page
+    assert "https://me:********************@models.example.com/v1" in page
+
+
+def test_the_filter_masks_passwords_in_nested_settings_and_leaves_other_urls():
+    from chatsite.debug import CredentialsFilter
+
+    cleansed = CredentialsFilter().cleanse_setting(
+        "CACHES",
+        {"default": {"LOCATION": "rediss://:pw@cache:6380/1", "OTHER": ("http://host/a:b@c",)}},
+    )
+
+    assert cleansed["default"]["LOCATION"] == "rediss://:********************@cache:6380/1"
+    assert cleansed["default"]["OTHER"] == ("http://host/a:b@c",)
+
+
 # ------------------------------------------------- item 3, on a live site
 
 
