@@ -230,6 +230,63 @@ def test_the_filter_masks_passwords_in_nested_settings_and_leaves_other_urls():
     assert cleansed["default"]["OTHER"] == ("http://host/a:b@c",)
 
 
+# ------------------------------------------------- item 7: serve's DEBUG
+
+
+def serve_env(host: str, **environ: str) -> dict[str, str]:
+    from conversations.management.commands.serve import site_environment
+
+    return site_environment(host, environ)
+
+
+def test_serve_on_every_interface_runs_with_debug_off():
+    env = serve_env("0.0.0.0", SECRET_KEY="k" * 50)
+
+    assert env["DEBUG"] == "0"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_serve_on_loopback_leaves_debug_as_it_is(host):
+    assert "DEBUG" not in serve_env(host)
+
+
+def test_serve_beyond_loopback_keeps_an_explicit_debug():
+    assert serve_env("0.0.0.0", DEBUG="1")["DEBUG"] == "1"
+
+
+def test_serve_beyond_loopback_without_a_secret_key_refuses_clearly():
+    with pytest.raises(CommandError, match="set SECRET_KEY"):
+        serve_env("192.168.1.20")
+
+
+def test_serve_on_one_address_answers_to_it_unless_told_otherwise(settings):
+    settings.ALLOWED_HOSTS = ["localhost", "127.0.0.1"]
+    env = serve_env("192.168.1.20", SECRET_KEY="k" * 50)
+    assert env["ALLOWED_HOSTS"] == "localhost,127.0.0.1,192.168.1.20"
+    told = serve_env("192.168.1.20", SECRET_KEY="k" * 50, ALLOWED_HOSTS="chat.example.com")
+    assert told["ALLOWED_HOSTS"] == "chat.example.com"
+
+
+def manage(*args: str, **environ: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in {"DEBUG", "SECRET_KEY"}}
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={**env, **environ},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_manage_serve_on_every_interface_without_a_secret_key_says_what_to_do(tmp_path):
+    result = manage("serve", "--host", "0.0.0.0", "--no-model", "--log-dir", str(tmp_path))
+
+    assert result.returncode != 0
+    assert "set SECRET_KEY" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # ------------------------------------------------- item 3, on a live site
 
 
