@@ -287,6 +287,29 @@ def test_manage_serve_on_every_interface_without_a_secret_key_says_what_to_do(tm
     assert "Traceback" not in result.stderr
 
 
+# ------------------------------------------------- item 10: admin CSP
+
+
+def test_admin_pages_have_a_content_security_policy(admin_client, alice):
+    from chatsite.middleware import CONTENT_SECURITY_POLICY
+
+    pages = [
+        "/admin/",
+        reverse("admin:auth_user_changelist"),
+        reverse("admin:auth_user_change", args=[alice.pk]),
+        reverse("admin:conversations_conversation_changelist"),
+        reverse("admin:conversations_conversation_add"),
+    ]
+    for url in pages:
+        response = admin_client.get(url)
+        assert response.status_code == 200, url
+        assert response["Content-Security-Policy"] == CONTENT_SECURITY_POLICY, url
+
+
+def test_the_admin_login_page_has_a_content_security_policy(client):
+    assert "script-src 'self'" in client.get(ADMIN_LOGIN)["Content-Security-Policy"]
+
+
 # ------------------------------------------------- item 3, on a live site
 
 
