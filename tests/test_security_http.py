@@ -310,6 +310,35 @@ def test_the_admin_login_page_has_a_content_security_policy(client):
     assert "script-src 'self'" in client.get(ADMIN_LOGIN)["Content-Security-Policy"]
 
 
+# ------------------------------------------------- item 10: HTTPS settings
+
+
+def test_check_deploy_passes_with_production_settings(tmp_path):
+    result = manage(
+        "check",
+        "--deploy",
+        "--fail-level",
+        "WARNING",
+        DEBUG="0",
+        SECRET_KEY="x7!" + os.urandom(32).hex(),
+        ALLOWED_HOSTS="chat.example.com",
+        SECURE_SSL_REDIRECT="1",
+        SECURE_HSTS_SECONDS="31536000",
+        SECURE_HSTS_INCLUDE_SUBDOMAINS="1",
+        SECURE_HSTS_PRELOAD="1",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+    )
+
+    assert result.returncode == 0, result.stderr + result.stdout
+
+
+def test_a_mistyped_https_setting_is_refused_not_read_as_off():
+    result = manage("check", SECURE_SSL_REDIRECT="ture")
+
+    assert result.returncode != 0
+    assert "SECURE_SSL_REDIRECT='ture'" in result.stderr
+
+
 # ------------------------------------------------- item 3, on a live site
 
 
