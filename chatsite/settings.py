@@ -260,6 +260,9 @@ AXES_DISABLE_ACCESS_LOG = True
 # Accounts one IP address may create per hour (0: no limit).
 SIGNUP_RATE_LIMIT = env_int("SIGNUP_RATE_LIMIT", 5)
 
+# The page's script reads the CSRF token from the page, never the cookie.
+CSRF_COOKIE_HTTPONLY = True
+
 # HTTPS, for a site behind a TLS proxy (see README, "Production").
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)

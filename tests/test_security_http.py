@@ -339,6 +339,23 @@ def test_a_mistyped_https_setting_is_refused_not_read_as_off():
     assert "SECURE_SSL_REDIRECT='ture'" in result.stderr
 
 
+# ------------------------------------------------- item 10: CSRF cookie
+
+
+def test_the_csrf_cookie_is_httponly(client):
+    response = client.get(site_login())
+
+    assert response.cookies["csrftoken"]["httponly"] is True
+
+
+def test_the_chat_page_carries_the_csrf_token_for_its_script(client, alice):
+    client.force_login(alice)
+
+    page = client.get(reverse("conversations:chat")).content.decode()
+
+    assert 'name="csrfmiddlewaretoken"' in page
+
+
 # ------------------------------------------------- item 3, on a live site
 
 
