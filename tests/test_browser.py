@@ -1086,3 +1086,26 @@ def test_the_admin_works_under_the_content_security_policy(new_context, site):
     seen["user change form"] = page.evaluate("window.__cspViolations")
     assert all(not violations for violations in seen.values()), seen
     assert not refused, refused
+
+
+def test_deleting_a_conversation_that_is_already_gone_says_so(page, site):
+    send(page, "Deleted behind the page's back")
+    finished(last_reply(page))
+    gone = conversation_id(page)
+    # Deleted without a `deleted` frame (which Redis would carry from the
+    # shell to the page), as if this tab had missed it.
+    site.manage(
+        "shell",
+        "-c",
+        "from django.db.models.signals import post_delete; from conversations import models; "
+        "post_delete.disconnect(models.tell_subscribers_of_deletion, models.Conversation); "
+        f"models.Conversation.objects.filter(pk={gone!r}).delete()",
+    )
+    item = page.locator(f'#conversation-list li[data-id="{gone}"]')
+    page.on("dialog", lambda dialog: dialog.accept())
+    item.get_by_role("button", name="Delete conversation").click()
+
+    expect(item).to_have_count(0)
+    expect(page.locator("#notice-text")).to_have_text(
+        "This conversation does not exist or was deleted."
+    )

@@ -356,6 +356,27 @@ def test_the_chat_page_carries_the_csrf_token_for_its_script(client, alice):
     assert 'name="csrfmiddlewaretoken"' in page
 
 
+# ------------------------------------------------- item 10: a missing conversation
+
+
+def test_deleting_a_conversation_twice_answers_a_json_404_the_second_time(client, alice):
+    from conversations.models import Conversation
+
+    conversation = Conversation.objects.create(owner=alice, model="fake")
+    client.force_login(alice)
+    url = reverse("conversations:delete", args=[conversation.pk])
+
+    assert client.post(url, HTTP_ACCEPT="application/json").status_code == 200
+    again = client.post(url, HTTP_ACCEPT="application/json")
+
+    assert again.status_code == 404
+    assert again.json() == {
+        "error": "not_found",
+        "message": again.json()["message"],
+    }
+    assert again.json()["message"]
+
+
 # ------------------------------------------------- item 3, on a live site
 
 
