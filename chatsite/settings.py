@@ -3,6 +3,7 @@ run a development site as-is (SQLite, in-memory channel layer, the bundled
 model served on loopback)."""
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -11,11 +12,20 @@ from django.core.exceptions import ImproperlyConfigured
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off"}
+
+
 def env_bool(name: str, default: bool) -> bool:
     value = os.environ.get(name)
     if value is None or value == "":
         return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    word = value.strip().lower()
+    # A typo ("ture", "of") must not quietly become False: DEBUG and the
+    # HTTPS settings hang on these.
+    if word not in TRUE_WORDS | FALSE_WORDS:
+        raise ImproperlyConfigured(f"{name}={value!r}: use 1/0, true/false, yes/no or on/off.")
+    return word in TRUE_WORDS
 
 
 def env_list(name: str, default: str = "") -> list[str]:
@@ -53,6 +63,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "conversations",
+    "axes",
 ]
 
 MIDDLEWARE = [
@@ -65,6 +76,9 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "chatsite.middleware.content_security_policy",
+    # Last, as axes asks: it turns a lockout flagged during authenticate()
+    # into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "chatsite.urls"
@@ -226,3 +240,47 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"daphne": {"level": "WARNING"}, "httpx2": {"level": "WARNING"}},
 }
+
+# A traceback page (DEBUG, or the error mails) shows settings and local
+# variables: credentials inside URLs (REDIS_URL, LLM_BASE_URL, ...) are masked.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "chatsite.debug.CredentialsFilter"
+
+# Login brute force (django-axes). Failures count per IP and, separately,
+# per username, in the database, so every process and both databases share
+# them. Counting per username means anyone can keep a name locked out by
+# guessing at it; that is the price of stopping a guesser who spreads over
+# many addresses, and the cost is bounded: the lock lifts after the cool-off,
+# it only blocks the password form (open sessions and API tokens keep
+# working), and an admin lifts it at once (`manage.py axes_reset_username`).
+# LOGIN_LOCKOUT_PER_USERNAME=0 counts per (username, IP) pair instead.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 10)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_COOLOFF_MINUTES", 15))
+if AXES_FAILURE_LIMIT < 1 or AXES_COOLOFF_TIME.total_seconds() < 60:
+    # axes reads a zero cool-off as "locked until an admin unlocks".
+    raise ImproperlyConfigured("LOGIN_FAILURE_LIMIT and LOGIN_COOLOFF_MINUTES must be at least 1.")
+AXES_LOCKOUT_PARAMETERS = (
+    ["ip_address", "username"]
+    if env_bool("LOGIN_LOCKOUT_PER_USERNAME", True)
+    else ["ip_address", ["username", "ip_address"]]
+)
+AXES_LOCKOUT_CALLABLE = "conversations.views.locked_out"
+# Every successful login would add a row that nothing ever removes.
+AXES_DISABLE_ACCESS_LOG = True
+# Accounts one IP address may create per hour (0: no limit).
+SIGNUP_RATE_LIMIT = env_int("SIGNUP_RATE_LIMIT", 5)
+
+# The page's script reads the CSRF token from the page, never the cookie.
+CSRF_COOKIE_HTTPONLY = True
+
+# HTTPS, for a site behind a TLS proxy (see README, "Production").
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+if env_bool("SECURE_PROXY_SSL_HEADER", False):
+    # Only behind a proxy that sets this header itself, whatever the client sent.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")

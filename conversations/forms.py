@@ -1,8 +1,17 @@
 """The input of the HTTP endpoints. Each length comes from where it is kept:
 the model field, TITLE_LENGTH or settings.CHAT_MAX_CONTENT."""
 
+import json
+import unicodedata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from confusable_homoglyphs import confusables
 from django import forms
 from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.forms import UserCreationForm
+from django.contrib.auth.models import User
 from django.db import models
 
 from .models import TITLE_LENGTH, ApiToken, Conversation
@@ -70,3 +79,59 @@ class TokenForm(forms.Form):
 
     def clean_name(self) -> str:
         return self.cleaned_data["name"] or "token"
+
+
+def _homoglyph_table() -> dict[str, str]:
+    """Each character that Unicode's confusables list (TR39, as packaged by
+    confusable_homoglyphs) gives look-alikes for, mapped to the smallest of
+    it and its one-character look-alikes: a stand-in for TR39's prototype."""
+    path = Path(confusables.__file__).with_name("confusables.json")
+    table = {}
+    for char, entries in json.loads(path.read_text(encoding="utf-8")).items():
+        singles = [e["c"] for e in entries if len(e["c"]) == 1]
+        table[char] = min([char, *singles])
+    return table
+
+
+_HOMOGLYPHS: dict[str, str] = {}
+
+
+def name_skeleton(name: str) -> str:
+    """What a name looks like: "alice" with a Cyrillic a, "ALICE", "a1ice"
+    and "alice" share one. NFKC folds compatibility forms (fullwidth, ligatures),
+    casefold the case, the table the look-alikes of other scripts."""
+    if not _HOMOGLYPHS:
+        _HOMOGLYPHS.update(_homoglyph_table())
+    folded = unicodedata.normalize("NFKC", name).casefold()
+    return "".join(_HOMOGLYPHS.get(char, char) for char in folded)
+
+
+if TYPE_CHECKING:  # the stubs make the form generic; Django's class is not
+    _UserCreationForm = UserCreationForm[User]
+else:
+    _UserCreationForm = UserCreationForm
+
+
+class SignupForm(_UserCreationForm):
+    """Django's sign-up form (which already refuses a name differing from
+    another only by case), also refusing a name that looks like another."""
+
+    def clean_username(self) -> str:
+        username = super().clean_username()
+        if self.has_error("username"):  # differs only by case (and is None)
+            return username
+        skeleton = name_skeleton(username)
+        # Every name is compared, in Python: the database cannot compute a
+        # skeleton, and sign-ups are rare and rate-limited. Not .iterator():
+        # on Postgres, leaving its server-side cursor at the first match
+        # breaks the next transaction when the cursor is collected.
+        names = list(get_user_model().objects.values_list("username", flat=True))
+        for existing in names:
+            if name_skeleton(existing) == skeleton:
+                raise forms.ValidationError(
+                    "This name looks too much like an existing user's name (%(existing)s). "
+                    "Choose another.",
+                    code="confusable",
+                    params={"existing": existing},
+                )
+        return username

@@ -1,6 +1,7 @@
-"""How many `send` and `regenerate` frames a user may make in a minute: a
-fixed one-minute window per user, counted by one atomic increment, in Redis
-when the cache is Redis (so every process shares it), else in this process."""
+"""How many `send` and `regenerate` frames a user may make in a minute (and
+how many accounts an IP address may create in an hour): a fixed window,
+counted by one atomic increment, in Redis when the cache is Redis (so every
+process shares it), else in this process."""
 
 import math
 import threading
@@ -32,7 +33,7 @@ async def allow_send(user_id: int, now: float | None = None) -> Allowance:
     return Allowance(False, max(1, math.ceil(window_start + WINDOW - now)))
 
 
-def _count(key: str) -> int:
+def _count(key: str, window: int = WINDOW) -> int:
     """The key's count after one more. The key names its window, so its
     expiry only clears it away: it is set once, never renewed."""
     cache = caches["default"]
@@ -41,11 +42,25 @@ def _count(key: str) -> int:
         client = cache._cache.get_client(key, write=True)
         pipe = client.pipeline(transaction=False)  # one round trip
         pipe.incr(key)
-        pipe.expire(key, 2 * WINDOW, nx=True)
+        pipe.expire(key, 2 * window, nx=True)
         count, _ = pipe.execute()
         return count
     # add() then incr() are two steps; the lock makes them one for every
     # thread of this process, whatever the cache backend.
     with _local_lock:
-        cache.add(key, 0, timeout=2 * WINDOW)
+        cache.add(key, 0, timeout=2 * window)
         return cache.incr(key)
+
+
+SIGNUP_WINDOW = 3600  # seconds
+
+
+def allow_signup(ip_address: str, now: float | None = None) -> bool:
+    """Counts one account about to be created from ip_address this hour;
+    False past settings.SIGNUP_RATE_LIMIT (0: no limit)."""
+    if not settings.SIGNUP_RATE_LIMIT:
+        return True
+    now = time.time() if now is None else now
+    window_start = math.floor(now / SIGNUP_WINDOW) * SIGNUP_WINDOW
+    count = _count(f"signup:{ip_address}:{window_start}", SIGNUP_WINDOW)
+    return count <= settings.SIGNUP_RATE_LIMIT

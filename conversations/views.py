@@ -1,22 +1,22 @@
+import math
 import uuid
 from collections.abc import Callable
 from functools import wraps
 
 from asgiref.sync import async_to_sync
+from axes.helpers import get_client_ip_address
 from django import forms
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.forms import UserCreationForm
-from django.contrib.auth.models import User
 from django.core.exceptions import BadRequest
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from . import llm
-from .forms import MODEL_LENGTH, RenameForm, SettingsForm, TokenForm
+from . import llm, ratelimit
+from .forms import MODEL_LENGTH, RenameForm, SettingsForm, SignupForm, TokenForm
 from .models import TITLE_LENGTH, ApiToken, Conversation
 from .protocol import NOT_FOUND_TEXT, ErrorCode, model_not_found
 
@@ -162,15 +162,39 @@ def conversation_settings(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
     return redirect(conversation)
 
 
+SIGNUP_LIMITED_TEXT = (
+    "Too many accounts were created from your network in the last hour. Try again later."
+)
+
+
 def signup(request: HttpRequest) -> HttpResponse:
     if request.user.is_authenticated:
         return redirect("conversations:chat")
-    form: UserCreationForm[User] = UserCreationForm(request.POST or None)
+    form = SignupForm(request.POST or None)
+    status = 200
     if request.method == "POST" and form.is_valid():
-        user = form.save()
-        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-        return redirect("conversations:chat")
-    return render(request, "registration/signup.html", {"form": form})
+        # Counted once the form is valid, so typos cost nothing; the same IP
+        # as the login lockout's, so a proxy is handled in one place.
+        if ratelimit.allow_signup(get_client_ip_address(request) or ""):
+            user = form.save()
+            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+            return redirect("conversations:chat")
+        form.add_error(None, SIGNUP_LIMITED_TEXT)
+        status = 429
+    return render(request, "registration/signup.html", {"form": form}, status=status)
+
+
+def locked_out(
+    request: HttpRequest, original_response: HttpResponse | None, credentials: dict | None
+) -> HttpResponse:
+    """django-axes' answer to a login (site or admin) while the lock holds."""
+    minutes = math.ceil(settings.AXES_COOLOFF_TIME.total_seconds() / 60)
+    return render(
+        request,
+        "registration/locked_out.html",
+        {"failure_limit": settings.AXES_FAILURE_LIMIT, "cooloff_minutes": minutes},
+        status=429,
+    )
 
 
 # A new token waits here for the page the post redirects to, which shows it

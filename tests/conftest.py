@@ -13,11 +13,14 @@ from tests.helpers import PASSWORD, free_port
 @pytest.fixture(autouse=True)
 def own_cache(settings):
     """A Redis cache shared across runs would carry rate-limit counters from
-    one test's users into the next: every test gets its own key prefix."""
-    if settings.REDIS_URL:
-        caches = copy.deepcopy(settings.CACHES)
-        caches["default"]["KEY_PREFIX"] = f"test-{uuid.uuid4().hex}"
-        settings.CACHES = caches
+    one test's users into the next: every test gets its own key prefix (or
+    its own local-memory cache)."""
+    caches = copy.deepcopy(settings.CACHES)
+    # The local-memory cache lives as long as the process: a LOCATION of
+    # its own makes it a new one (sign-ups per IP are counted there).
+    key = "KEY_PREFIX" if settings.REDIS_URL else "LOCATION"
+    caches["default"][key] = f"test-{uuid.uuid4().hex}"
+    settings.CACHES = caches
 
 
 @pytest.fixture(autouse=True)

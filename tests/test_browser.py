@@ -1086,3 +1086,72 @@ def test_screenshots_light_and_dark_desktop_and_phone(new_context, site):
     # The dark theme follows the system setting.
     for size in SIZES:
         assert backgrounds["light", size] != backgrounds["dark", size]
+
+
+# ---------------------------------------------------------------- the admin
+
+# Registered before any page script runs; init scripts are not subject to CSP.
+RECORD_CSP_VIOLATIONS = """
+window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation", (event) => {
+  window.__cspViolations.push(`${event.violatedDirective} ${event.blockedURI || "inline"}`);
+});
+"""
+
+
+def test_the_admin_works_under_the_content_security_policy(new_context, site):
+    context = new_context()
+    context.add_init_script(RECORD_CSP_VIOLATIONS)
+    page = context.new_page()
+    refused = []
+    page.on("console", lambda m: refused.append(m.text) if "Content Security" in m.text else None)
+    name = unique("staff")
+    sign_up(page, site, name)
+    site.manage(
+        "shell",
+        "-c",
+        "from django.contrib.auth.models import User; "
+        f"User.objects.filter(username={name!r}).update(is_staff=True, is_superuser=True)",
+    )
+    seen = {}
+    for path, ready in [
+        ("/admin/", "#content-main"),
+        ("/admin/conversations/conversation/", "#changelist"),
+        # The user form's scripts build the two-list group picker and the
+        # date and time shortcuts: the admin's busiest page for scripts.
+        ("/admin/auth/user/?q=" + name, "#result_list"),
+    ]:
+        response = page.goto(site.url() + path)
+        assert response.headers["content-security-policy"].startswith("default-src 'self'")
+        expect(page.locator(ready)).to_be_visible()
+        seen[path] = page.evaluate("window.__cspViolations")
+    page.locator("#result_list a", has_text=name).click()
+    expect(page.locator("#id_groups_from")).to_be_visible()  # built by SelectFilter2.js
+    expect(page.locator(".datetimeshortcuts").first).to_be_visible()  # DateTimeShortcuts.js
+    page.locator(".datetimeshortcuts a", has_text="Today").first.click()
+    seen["user change form"] = page.evaluate("window.__cspViolations")
+    assert all(not violations for violations in seen.values()), seen
+    assert not refused, refused
+
+
+def test_deleting_a_conversation_that_is_already_gone_says_so(page, site):
+    send(page, "Deleted behind the page's back")
+    finished(last_reply(page))
+    gone = conversation_id(page)
+    # Deleted without a `deleted` frame (which Redis would carry from the
+    # shell to the page), as if this tab had missed it.
+    site.manage(
+        "shell",
+        "-c",
+        "from django.db.models.signals import post_delete; from conversations import models; "
+        "post_delete.disconnect(models.tell_subscribers_of_deletion, models.Conversation); "
+        f"models.Conversation.objects.filter(pk={gone!r}).delete()",
+    )
+    item = page.locator(f'#conversation-list li[data-id="{gone}"]')
+    page.on("dialog", lambda dialog: dialog.accept())
+    item.get_by_role("button", name="Delete conversation").click()
+
+    expect(item).to_have_count(0)
+    expect(page.locator("#notice-text")).to_have_text(
+        "This conversation does not exist or was deleted."
+    )

@@ -77,10 +77,11 @@ export function refreshRelativeTimes(root = document) {
   }
 }
 
-/** Django's CSRF token: the cookie when readable, else a {% csrf_token %} field on the page. */
+/**
+ * Django's CSRF token, from a {% csrf_token %} field on the page (every page
+ * has one in its log-out form): the cookie is HttpOnly, out of a script's reach.
+ */
 function csrfToken() {
-  const match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
-  if (match) return decodeURIComponent(match[1]);
   const field = document.querySelector("input[name=csrfmiddlewaretoken]");
   return field ? field.value : "";
 }

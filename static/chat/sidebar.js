@@ -181,10 +181,14 @@ async function deleteConversation(li, open) {
   if (!window.confirm(`Delete “${title}”? This cannot be undone.`)) return;
   const id = li.dataset.id;
   state.deleting.add(id);
+  // Deleted already (in another tab or window): the item goes all the same,
+  // and the user is told why it was not this click that did it.
+  let gone = false;
   try {
     await postForm(conversationUrl(id, "delete"));
   } catch (error) {
-    if (error.code !== "not_found") {
+    gone = error.code === "not_found" || error.status === 404;
+    if (!gone) {
       showNotice("Could not delete the conversation.");
       return;
     }
@@ -197,6 +201,7 @@ async function deleteConversation(li, open) {
   removeConversationItem(li);
   if (state.current === id) open(null, { replace: true });
   else ($(".delete", next || document.body) || els.newChat).focus();
+  if (gone) showNotice(FRIENDLY.not_found);
 }
 
 export function setSidebar(open) {

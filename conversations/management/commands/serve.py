@@ -3,12 +3,15 @@ the bundled SmolLM2 under llama.cpp's OpenAI-compatible server on loopback.
 Both are supervised: a death is explained and followed by a restart."""
 
 import importlib.util
+import ipaddress
 import os
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from django.conf import settings
+from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from conversations.models import Message
@@ -81,6 +84,41 @@ def local_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+NEW_SECRET_KEY = "import secrets; print(secrets.token_urlsafe(50))"
+LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may well resolve beyond this machine
+
+
+def site_environment(host: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The settings the site runs with when it listens on host. Beyond
+    loopback, Django's debug page (tracebacks, settings) would be anyone's:
+    DEBUG is off unless set, and then SECRET_KEY is needed."""
+    env = dict(environ)
+    if is_loopback(host) or env.get("DEBUG"):
+        return env
+    if not env.get("SECRET_KEY"):
+        raise CommandError(
+            f"The site would listen on {host}, beyond this machine, so it runs with "
+            "DEBUG off, which needs a secret key of its own: set SECRET_KEY, e.g.\n"
+            f"  export SECRET_KEY=\"$(python3 -c '{NEW_SECRET_KEY}')\"\n"
+            "(or set DEBUG=1 to run in debug mode on a network you trust)."
+        )
+    env["DEBUG"] = "0"
+    if not env.get("ALLOWED_HOSTS") and host not in {"0.0.0.0", "::", ""}:
+        # Bound to one address, the site answers to it (and on loopback).
+        name = f"[{host}]" if ":" in host else host
+        env["ALLOWED_HOSTS"] = ",".join([*settings.ALLOWED_HOSTS, name])
+    return env
+
+
 class Command(BaseCommand):
     help = "Run chatsite under daphne (and the bundled model when no model server is set)."
 
@@ -96,6 +134,9 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, host: str, port: int, no_model: bool, log_dir: Path, **options) -> None:
+        env = site_environment(host, os.environ)
+        if env.get("DEBUG") == "0" and os.environ.get("DEBUG") is None:
+            self._explain_production(host, env)
         interrupted = Message.objects.interrupt_orphans()
         if interrupted:
             self.stdout.write(f"Marked {interrupted} unfinished replies as interrupted.")
@@ -103,7 +144,6 @@ class Command(BaseCommand):
         supervisor = Supervisor(self.stdout.write)
         supervisor.stop_on_signals()
         try:
-            env = dict(os.environ)
             if not (env.get("OLLAMA_HOST") or env.get("LLM_BASE_URL")) and not no_model:
                 env.update(self._start_bundled_model(supervisor, log_dir))
                 if supervisor.stopping:
@@ -127,6 +167,18 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         finally:
             supervisor.stop()
+
+    def _explain_production(self, host: str, env: dict[str, str]) -> None:
+        # Without DEBUG, WhiteNoise serves only collected files.
+        call_command("collectstatic", interactive=False, verbosity=0)
+        self.stdout.write(f"Listening on {host}, beyond this machine: DEBUG is off.")
+        hosts = env.get("ALLOWED_HOSTS") or ",".join(settings.ALLOWED_HOSTS)
+        self.stdout.write(f"It answers to the host names in ALLOWED_HOSTS: {hosts}.")
+        if env.get("SECURE_COOKIES") != "0":
+            self.stdout.write(
+                "Its cookies are Secure: serve it behind HTTPS (or set SECURE_COOKIES=0 "
+                "to try it over plain HTTP on a network you trust)."
+            )
 
     def _start_bundled_model(self, supervisor: Supervisor, log_dir: Path) -> dict[str, str]:
         model = bundled_model(free_port(), log_dir)
