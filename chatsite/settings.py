@@ -205,6 +205,20 @@ CHAT_COALESCE_MS = env_int("CHAT_COALESCE_MS", 30)
 CHAT_SAVE_INTERVAL = env_float("CHAT_SAVE_INTERVAL", 1.0)
 CHAT_MAX_CONTENT = 32_000
 CHAT_RATE_LIMIT = env_int("CHAT_RATE_LIMIT", 30)  # sends per user per minute
+# Frames a socket may send: CHAT_FRAME_RATE a second on average, in bursts of
+# up to CHAT_FRAME_BURST; past that they are refused, and a socket that goes
+# on for another CHAT_FRAME_BURST refused frames is closed (4004).
+CHAT_FRAME_RATE = env_float("CHAT_FRAME_RATE", 10.0)
+CHAT_FRAME_BURST = env_int("CHAT_FRAME_BURST", 40)
+# Bytes a socket may leave unread before its sends wait for the client, and
+# how long they wait before the socket is closed as too slow (4002).
+CHAT_SEND_BUFFER = env_int("CHAT_SEND_BUFFER", 4 * 1024 * 1024)
+CHAT_SEND_TIMEOUT = env_float("CHAT_SEND_TIMEOUT", 10.0)
+if min(CHAT_FRAME_RATE, CHAT_FRAME_BURST, CHAT_SEND_BUFFER, CHAT_SEND_TIMEOUT) <= 0:
+    raise ImproperlyConfigured(
+        "CHAT_FRAME_RATE, CHAT_FRAME_BURST, CHAT_SEND_BUFFER and CHAT_SEND_TIMEOUT"
+        " must be positive."
+    )
 
 LOGGING = {
     "version": 1,

@@ -5,14 +5,18 @@ replies.py. What the socket holds of each live reply is in tracking.py."""
 import asyncio
 import json
 import logging
+import math
 import time
 from typing import Any, cast
 
 from channels.auth import UserLazyObject
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+from django.db.models import Q
 
 from . import llm, protocol, replies
+from .budget import FrameBudget
 from .models import ApiToken, Busy, Conversation, Message, NothingToAnswer
 from .protocol import ErrorCode, FrameError
 from .ratelimit import allow_send
@@ -31,6 +35,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.subscriptions: set[str] = set()
         self.held = HeldReplies()
         self.watchdog: asyncio.Task | None = None
+        self.budget = FrameBudget(settings.CHAT_FRAME_RATE, settings.CHAT_FRAME_BURST)
+        self.closing = False  # closed by us; frames still queued are dropped
 
     async def connect(self) -> None:
         self.user = self.scope.get("user")
@@ -64,6 +70,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def receive(
         self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
     ) -> None:
+        if self.closing:
+            return
+        wait = self.budget.take()
+        if wait:
+            await self.refuse(text_data, wait)
+            return
         try:
             frame = protocol.decode(text_data)
         except FrameError as exc:
@@ -87,6 +99,22 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 ErrorCode.SERVER_ERROR, protocol.SERVER_ERROR_TEXT, request_id
             )
             await self.send_json(error)
+
+    async def refuse(self, text_data: str | None, wait: float) -> None:
+        """A frame past the budget: rate_limited, and a close for a client
+        that goes on regardless."""
+        if self.budget.overrun:
+            await self.close_socket(protocol.CLOSE_TOO_MANY_FRAMES)
+            return
+        try:
+            request_id = protocol.request_id(protocol.decode(text_data))
+        except FrameError:
+            request_id = None
+        await self.send_json(protocol.frames_rate_limited(math.ceil(wait)).frame(request_id))
+
+    async def close_socket(self, code: int) -> None:
+        self.closing = True
+        await self.close(code=code)
 
     async def send_frame(self, frame: Any, request_id: str | None) -> None:
         if request_id is not None:
@@ -146,11 +174,21 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def on_subscribe(self, frame: dict, request_id: str | None) -> None:
         conversation = await self.own_conversation(frame)
+        conversation_id = str(conversation.pk)
+        again = conversation_id in self.subscriptions
         # Join the group first: every delta after the snapshots below
         # reaches us, and self.held drops the ones the snapshots already hold.
         await self.subscribe(conversation)
-        await self.send_frame(protocol.conversation_frame(conversation), request_id)
         visible = conversation.visible_messages()
+        if again:
+            # The socket has the rest already. Replaying it all again on
+            # every subscribe let one socket grow the server by gigabytes.
+            held = self.held.of_conversation(conversation_id)
+            visible = visible.filter(Q(status__in=Message.LIVE_STATUSES) | Q(pk__in=held))
+            answer: Any = protocol.resubscribed_frame(conversation)
+        else:
+            answer = protocol.conversation_frame(conversation)
+        await self.send_frame(answer, request_id)
         # A lambda, as the stubs reject database_sync_to_async(list)(...).
         messages = await database_sync_to_async(lambda: list(visible))()
         for message in messages:
