@@ -305,3 +305,105 @@ async def test_a_socket_that_never_reads_is_closed_once_its_backlog_is_full(
     with running_site(tmp_path, fake_llm_server.base_url, CHAT_SEND_TIMEOUT="2", **budget) as site:
         cycle = [{"type": "subscribe"}, {"type": "unsubscribe"}]
         await attack(site, cycle, protocol.CLOSE_TOO_SLOW)
+
+
+# Item 5: which pages may open a cookie socket.
+
+
+def handshake(host: str | None, scheme: str = "ws", **headers: str) -> dict:
+    pairs = [(k.lower().replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
+    if host is not None:
+        pairs.append((b"host", host.encode()))
+    return {"type": "websocket", "scheme": scheme, "headers": pairs}
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        pytest.param("http://127.0.0.1:8000", True, id="the-site-itself"),
+        pytest.param("http://127.0.0.1:18998", False, id="another-port"),
+        pytest.param("http://127.0.0.1", False, id="the-default-port"),
+        pytest.param("http://localhost:1", False, id="another-host-name"),
+        pytest.param("https://127.0.0.1:8000", False, id="https-when-served-over-http"),
+        pytest.param("ws://127.0.0.1:8000", False, id="ws-scheme"),
+        pytest.param("null", False, id="null"),
+        pytest.param("http://evil.example", False, id="another-site"),
+        pytest.param("http://127.0.0.1:8000.evil.example", False, id="a-longer-host"),
+        pytest.param("", False, id="empty"),
+    ],
+)
+def test_a_cookie_socket_origin_must_be_the_sites_own_scheme_host_and_port(origin, allowed):
+    from conversations.auth import origin_allowed
+
+    assert origin_allowed(handshake("127.0.0.1:8000"), origin) is allowed
+
+
+def test_behind_tls_the_origin_is_https(settings):
+    from conversations.auth import origin_allowed
+
+    assert origin_allowed(handshake("127.0.0.1", "wss"), "https://127.0.0.1")
+    assert not origin_allowed(handshake("127.0.0.1", "wss"), "http://127.0.0.1")
+    # A TLS proxy in front says so in the header Django is told to trust.
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    proxied = handshake("chat.example", x_forwarded_proto="https")
+    settings.ALLOWED_HOSTS = ["chat.example"]
+    assert origin_allowed(proxied, "https://chat.example")
+    assert not origin_allowed(proxied, "http://chat.example")
+
+
+def test_a_host_outside_allowed_hosts_has_no_own_origin(settings):
+    from conversations.auth import origin_allowed
+
+    assert not origin_allowed(handshake("evil.example"), "http://evil.example")
+    assert not origin_allowed(handshake(None), "http://127.0.0.1:8000")
+
+
+def test_csrf_trusted_origins_are_allowed_too_with_wildcard_subdomains(settings):
+    from conversations.auth import origin_allowed
+
+    settings.CSRF_TRUSTED_ORIGINS = ["https://app.example", "https://*.example.org"]
+    scope = handshake("127.0.0.1:8000")
+    assert origin_allowed(scope, "https://app.example")
+    assert not origin_allowed(scope, "http://app.example")
+    assert origin_allowed(scope, "https://chat.example.org")
+    assert not origin_allowed(scope, "http://chat.example.org")
+    assert not origin_allowed(scope, "https://example.org.evil.example")
+
+
+async def cookie_socket(user, **headers: str):
+    """A handshake through the whole site (chatsite.asgi) with user's cookie."""
+    from channels.testing import WebsocketCommunicator
+
+    from chatsite.asgi import application
+    from tests.helpers import logged_in
+
+    client = await asyncio.to_thread(logged_in, user)
+    headers = {"Cookie": f"sessionid={client.cookies['sessionid'].value}", **headers}
+    pairs = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    return WebsocketCommunicator(application, "/ws/chat/", headers=pairs)
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        pytest.param({"Origin": "http://127.0.0.1:18998"}, id="another-port"),
+        pytest.param({"Origin": "http://localhost:1"}, id="another-host"),
+        pytest.param({"Origin": "https://127.0.0.1:8000"}, id="https"),
+        pytest.param({"Origin": "ws://127.0.0.1:8000"}, id="ws"),
+        pytest.param({"Origin": "null"}, id="null"),
+        pytest.param({}, id="no-origin"),
+    ],
+)
+async def test_a_cookie_socket_from_another_origin_is_refused_at_the_handshake(alice, origin):
+    ws = await cookie_socket(alice, Host="127.0.0.1:8000", **origin)
+    connected, _ = await ws.connect()
+    assert not connected
+    await ws.disconnect()
+
+
+async def test_a_cookie_socket_from_the_sites_own_page_is_let_in(alice):
+    ws = await cookie_socket(alice, Host="127.0.0.1:8000", Origin="http://127.0.0.1:8000")
+    connected, _ = await ws.connect()
+    assert connected
+    assert (await ws.receive_json_from(timeout=10))["user"] == "alice"
+    await ws.disconnect()
