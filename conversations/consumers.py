@@ -20,6 +20,7 @@ from .budget import FrameBudget
 from .models import ApiToken, Busy, Conversation, Message, NothingToAnswer
 from .protocol import ErrorCode, FrameError
 from .ratelimit import allow_send
+from .signins import SignIn, aepoch, user_group
 from .tracking import HeldReplies, Verdict
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.watchdog: asyncio.Task | None = None
         self.budget = FrameBudget(settings.CHAT_FRAME_RATE, settings.CHAT_FRAME_BURST)
         self.closing = False  # closed by us; frames still queued are dropped
+        self.sign_in: SignIn | None = None
+        self.epoch: str | None = None
 
     async def connect(self) -> None:
         self.user = self.scope.get("user")
@@ -45,6 +48,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         # Set by auth.TokenAuthMiddleware; the scope's values are typed object.
         self.token = cast("ApiToken | None", self.scope.get("api_token"))
+        session = self.scope.get("session")
+        self.sign_in = SignIn(
+            self.user.pk,
+            session_key=None if self.token or session is None else session.session_key or "",
+            token_id=self.token.pk if self.token else None,
+        )
+        # Join and read the epoch before checking: a sign-out from here on
+        # reaches this socket one way or the other.
+        await self.channel_layer.group_add(user_group(self.user.pk), self.channel_name)
+        self.epoch = await aepoch(self.user.pk)
+        if not await database_sync_to_async(self.sign_in.holds)():
+            await self.close()
+            return
         if self.token is not None:
             await self.channel_layer.group_add(self.token.group, self.channel_name)
         await self.accept()
@@ -62,6 +78,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self.watchdog.cancel()
         if self.token is not None:
             await self.channel_layer.group_discard(self.token.group, self.channel_name)
+        if self.sign_in is not None:
+            await self.channel_layer.group_discard(user_group(self.user_id), self.channel_name)
         for conversation_id in self.subscriptions:
             await self.channel_layer.group_discard(
                 replies.conversation_group(conversation_id), self.channel_name
@@ -75,6 +93,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         wait = self.budget.take()
         if wait:
             await self.refuse(text_data, wait)
+            return
+        if not await self.still_signed_in():
             return
         try:
             frame = protocol.decode(text_data)
@@ -111,6 +131,24 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except FrameError:
             request_id = None
         await self.send_json(protocol.frames_rate_limited(math.ceil(wait)).frame(request_id))
+
+    async def still_signed_in(self) -> bool:
+        """Whether the socket's sign-in still stands (signins.py); closes the
+        socket with 4003 if not. One cache read, unless the epoch moved."""
+        epoch = await aepoch(self.user_id)
+        if epoch == self.epoch:
+            return True
+        if self.sign_in is not None and await database_sync_to_async(self.sign_in.holds)():
+            self.epoch = epoch
+            return True
+        await self.close_socket(protocol.CLOSE_SIGNED_OUT)
+        return False
+
+    @property
+    def user_id(self) -> int:
+        if self.user is None:  # connect() closed a socket without one
+            raise RuntimeError("no user on this socket")
+        return self.user.pk
 
     async def close_socket(self, code: int) -> None:
         self.closing = True
@@ -254,6 +292,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         token may have been deleted or its user deactivated without a word
         to this socket: renew the one, re-check the other."""
         groups = [replies.conversation_group(c) for c in self.subscriptions]
+        groups.append(user_group(self.user_id))
         if self.token is not None:
             if (
                 not await ApiToken.objects.active()
@@ -333,6 +372,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def chat_deleted(self, event: dict) -> None:
         if await self.leave(event["conversation"]):
             await self.send_json(protocol.deleted_frame(event["conversation"]))
+
+    async def user_signed_out(self, event: dict) -> None:
+        if not self.closing:
+            await self.still_signed_in()
 
     async def token_revoked(self, event: dict) -> None:
         await self.close(code=protocol.CLOSE_TOKEN_REVOKED)

@@ -8,12 +8,17 @@ import time
 
 import pytest
 import websockets
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.core.cache import cache
 
 from chatsite import sendbuffer
-from conversations import protocol
+from chatsite.asgi import application
+from conversations import protocol, signins
+from conversations.auth import origin_allowed
 from conversations.budget import FrameBudget
-from conversations.models import Conversation, Message
-from tests.helpers import chat_socket
+from conversations.models import ApiToken, Conversation, Message
+from tests.helpers import chat_socket, logged_in
 from tests.live import (
     Browser,
     RawSocket,
@@ -333,14 +338,10 @@ def handshake(host: str | None, scheme: str = "ws", **headers: str) -> dict:
     ],
 )
 def test_a_cookie_socket_origin_must_be_the_sites_own_scheme_host_and_port(origin, allowed):
-    from conversations.auth import origin_allowed
-
     assert origin_allowed(handshake("127.0.0.1:8000"), origin) is allowed
 
 
 def test_behind_tls_the_origin_is_https(settings):
-    from conversations.auth import origin_allowed
-
     assert origin_allowed(handshake("127.0.0.1", "wss"), "https://127.0.0.1")
     assert not origin_allowed(handshake("127.0.0.1", "wss"), "http://127.0.0.1")
     # A TLS proxy in front says so in the header Django is told to trust.
@@ -352,15 +353,11 @@ def test_behind_tls_the_origin_is_https(settings):
 
 
 def test_a_host_outside_allowed_hosts_has_no_own_origin(settings):
-    from conversations.auth import origin_allowed
-
     assert not origin_allowed(handshake("evil.example"), "http://evil.example")
     assert not origin_allowed(handshake(None), "http://127.0.0.1:8000")
 
 
 def test_csrf_trusted_origins_are_allowed_too_with_wildcard_subdomains(settings):
-    from conversations.auth import origin_allowed
-
     settings.CSRF_TRUSTED_ORIGINS = ["https://app.example", "https://*.example.org"]
     scope = handshake("127.0.0.1:8000")
     assert origin_allowed(scope, "https://app.example")
@@ -370,17 +367,15 @@ def test_csrf_trusted_origins_are_allowed_too_with_wildcard_subdomains(settings)
     assert not origin_allowed(scope, "https://example.org.evil.example")
 
 
-async def cookie_socket(user, **headers: str):
-    """A handshake through the whole site (chatsite.asgi) with user's cookie."""
-    from channels.testing import WebsocketCommunicator
-
-    from chatsite.asgi import application
-    from tests.helpers import logged_in
-
-    client = await asyncio.to_thread(logged_in, user)
-    headers = {"Cookie": f"sessionid={client.cookies['sessionid'].value}", **headers}
+def site_socket(**headers: str) -> WebsocketCommunicator:
+    """A handshake through the whole site (chatsite.asgi), auth and all."""
     pairs = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     return WebsocketCommunicator(application, "/ws/chat/", headers=pairs)
+
+
+async def cookie_socket(user, **headers: str) -> WebsocketCommunicator:
+    client = await asyncio.to_thread(logged_in, user)
+    return site_socket(Cookie=f"sessionid={client.cookies['sessionid'].value}", **headers)
 
 
 @pytest.mark.parametrize(
@@ -406,4 +401,121 @@ async def test_a_cookie_socket_from_the_sites_own_page_is_let_in(alice):
     connected, _ = await ws.connect()
     assert connected
     assert (await ws.receive_json_from(timeout=10))["user"] == "alice"
+    await ws.disconnect()
+
+
+# Item 4: sockets end with the sign-in they were opened with.
+
+SITE = {"Host": "127.0.0.1:8000", "Origin": "http://127.0.0.1:8000"}
+
+
+async def open_socket(communicator):
+    connected, _ = await communicator.connect()
+    assert connected
+    assert (await communicator.receive_json_from(timeout=10))["type"] == "ready"
+    return communicator
+
+
+async def session_socket(client):
+    """A cookie socket for a test client's session, from the site's page."""
+    cookie = f"sessionid={client.cookies['sessionid'].value}"
+    return await open_socket(site_socket(Cookie=cookie, **SITE))
+
+
+async def token_socket(user):
+    _, plain = await sync_to_async(ApiToken.issue)(user, "script")
+    return await open_socket(site_socket(Authorization=f"Bearer {plain}"))
+
+
+async def answers(ws) -> bool:
+    await ws.send_json_to({"type": "ping", "id": "still"})
+    return await ws.receive_json_from(timeout=5) == {"type": "pong", "id": "still"}
+
+
+async def signed_out(ws) -> bool:
+    """The socket is closed with 4003 (within a few seconds)."""
+    closed = await ws.receive_output(timeout=5)
+    return closed == {"type": "websocket.close", "code": protocol.CLOSE_SIGNED_OUT}
+
+
+async def two_sessions(user):
+    # One after the other: SQLite's shared in-memory test database locks.
+    return [await asyncio.to_thread(logged_in, user) for _ in range(2)]
+
+
+async def test_logging_out_closes_the_cookie_sockets_of_that_session_only(alice):
+    leaving, staying = await two_sessions(alice)
+    sockets = [
+        await session_socket(leaving),
+        await session_socket(staying),
+        await token_socket(alice),
+    ]
+    response = await asyncio.to_thread(leaving.post, "/accounts/logout/")
+    assert response.status_code == 302
+    assert await signed_out(sockets[0])
+    assert await answers(sockets[1]) and await answers(sockets[2])
+    for ws in sockets:
+        await ws.disconnect()
+
+
+async def test_a_new_password_closes_the_cookie_sockets_of_every_session_but_not_tokens(alice):
+    """The session that changes it stays signed in over HTTP, under a new
+    key (update_session_auth_hash): its socket, opened with the old key, is
+    closed too, and a new one with the new cookie is let in."""
+    await sync_to_async(type(alice).objects.filter(pk=alice.pk).update)(
+        is_staff=True, is_superuser=True
+    )
+    changing, other = await two_sessions(alice)
+    sockets = [
+        await session_socket(changing),
+        await session_socket(other),
+        await token_socket(alice),
+    ]
+    new = "another horse battery staple"
+    response = await asyncio.to_thread(
+        changing.post,
+        f"/admin/auth/user/{alice.pk}/password/",
+        {"password1": new, "password2": new},
+    )
+    assert response.status_code == 302, response.content[:500]
+    assert await signed_out(sockets[0]) and await signed_out(sockets[1])
+    assert await answers(sockets[2])
+    again = await session_socket(changing)
+    assert await answers(again)
+    for ws in [*sockets, again]:
+        await ws.disconnect()
+
+
+async def test_deactivating_a_user_closes_every_socket_of_theirs(alice, bob):
+    client = await asyncio.to_thread(logged_in, alice)
+    sockets = [await session_socket(client), await token_socket(alice)]
+    bobs = await token_socket(bob)
+    alice.is_active = False
+    await sync_to_async(alice.save)()  # as the admin's form or a shell would
+    assert await signed_out(sockets[0]) and await signed_out(sockets[1])
+    assert await answers(bobs)
+    for ws in [*sockets, bobs]:
+        await ws.disconnect()
+
+
+async def test_saving_a_user_without_a_new_password_or_deactivation_closes_nothing(alice):
+    client = await asyncio.to_thread(logged_in, alice)
+    ws = await session_socket(client)
+    alice.first_name = "Alice"
+    await sync_to_async(alice.save)()
+    await sync_to_async(alice.save)(update_fields=["last_login"])
+    assert await answers(ws)
+    await ws.disconnect()
+
+
+async def test_a_frame_that_races_the_sign_out_event_is_not_served(alice):
+    """The epoch is moved before the group hears of it: a frame in between
+    is checked against the database, found signed out, and not answered."""
+    ws = await token_socket(alice)
+    # Deactivated without a signal, the epoch moved without an event.
+    await sync_to_async(type(alice).objects.filter(pk=alice.pk).update)(is_active=False)
+    await cache.aset(signins._epoch_key(alice.pk), "moved")
+    await ws.send_json_to({"type": "ping", "id": "raced"})
+    assert await signed_out(ws)
+    assert await ws.receive_nothing()
     await ws.disconnect()
