@@ -13,7 +13,6 @@ from channels.auth import UserLazyObject
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
-from django.db.models import Q
 
 from . import llm, protocol, replies
 from .budget import FrameBudget
@@ -34,6 +33,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.user: UserLazyObject | None = None
         self.token: ApiToken | None = None
         self.subscriptions: set[str] = set()
+        # Subscribed conversations this socket has had in full, with nothing
+        # sent about them since: a subscribe again need not replay them.
+        self.up_to_date: set[str] = set()
         self.held = HeldReplies()
         self.watchdog: asyncio.Task | None = None
         self.budget = FrameBudget(settings.CHAT_FRAME_RATE, settings.CHAT_FRAME_BURST)
@@ -213,16 +215,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def on_subscribe(self, frame: dict, request_id: str | None) -> None:
         conversation = await self.own_conversation(frame)
         conversation_id = str(conversation.pk)
-        again = conversation_id in self.subscriptions
+        # Replaying a whole conversation the socket already holds, on every
+        # subscribe, let one socket grow the server by gigabytes.
+        unchanged = conversation_id in self.up_to_date
         # Join the group first: every delta after the snapshots below
         # reaches us, and self.held drops the ones the snapshots already hold.
         await self.subscribe(conversation)
         visible = conversation.visible_messages()
-        if again:
-            # The socket has the rest already. Replaying it all again on
-            # every subscribe let one socket grow the server by gigabytes.
-            held = self.held.of_conversation(conversation_id)
-            visible = visible.filter(Q(status__in=Message.LIVE_STATUSES) | Q(pk__in=held))
+        if unchanged:
+            visible = visible.filter(status__in=Message.LIVE_STATUSES)
             answer: Any = protocol.resubscribed_frame(conversation)
         else:
             answer = protocol.conversation_frame(conversation)
@@ -231,6 +232,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         messages = await database_sync_to_async(lambda: list(visible))()
         for message in messages:
             await self.send_frame(await self.current_frame(message), request_id)
+        # Events that arrived meanwhile wait behind this frame, and will
+        # take the conversation out of up_to_date again.
+        self.up_to_date.add(conversation_id)
 
     async def on_unsubscribe(self, frame: dict, request_id: str | None) -> None:
         await self.leave(protocol.conversation_id(frame))
@@ -310,6 +314,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # otherwise expire after a day.
         conversation_id = str(conversation.pk)
         self.subscriptions.add(conversation_id)
+        self.up_to_date.discard(conversation_id)
         await self.channel_layer.group_add(
             replies.conversation_group(conversation_id), self.channel_name
         )
@@ -319,6 +324,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if conversation_id not in self.subscriptions:
             return False
         self.subscriptions.discard(conversation_id)
+        self.up_to_date.discard(conversation_id)
         self.held.release_conversation(conversation_id)
         await self.channel_layer.group_discard(
             replies.conversation_group(conversation_id), self.channel_name
@@ -330,6 +336,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         what that frame holds."""
         snapshot = await replies.current(message)
         message_id, conversation_id = str(message.pk), str(message.conversation_id)
+        self.up_to_date.discard(conversation_id)
         if snapshot["status"] in Message.LIVE_STATUSES:
             self.held.hold(message_id, snapshot["seq"], conversation_id)
         else:
@@ -343,9 +350,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def chat_event(self, event: dict) -> None:
         frame = event["frame"]
+        conversation_id = event.get("conversation")
+        self.up_to_date.discard(str(conversation_id))
         if event.get("skip") == self.channel_name:
             return
-        conversation_id = event.get("conversation")
         if conversation_id is not None and conversation_id not in self.subscriptions:
             return  # arrived after an unsubscribe
         if frame["type"] == "start":

@@ -46,9 +46,6 @@ class HeldReplies:
             if held.conversation_id == conversation_id:
                 del self.replies[message_id]
 
-    def of_conversation(self, conversation_id: str) -> list[str]:
-        return [m for m, held in self.replies.items() if held.conversation_id == conversation_id]
-
     def heard(self, message_id: str) -> None:
         """The reply's writer is alive (a heartbeat)."""
         held = self.replies.get(message_id)

@@ -68,15 +68,20 @@ class Site:
 
     def start(self, log_dir: Path) -> "Site":
         self.manage("migrate", "--noinput")
-        for index in range(self.count):
-            port = free_port()
+        self.ports = [free_port() for _ in range(self.count)]
+        if self.count > 1:
+            # One site on several ports: a page from any of them may open a
+            # socket to any other, as behind one load balancer.
+            origins = [self.env.get("CSRF_TRUSTED_ORIGINS", "")]
+            origins += [f"http://127.0.0.1:{port}" for port in self.ports]
+            self.env["CSRF_TRUSTED_ORIGINS"] = ",".join(filter(None, origins))
+        for index, port in enumerate(self.ports):
             log = log_dir / f"daphne-{index}.log"
             command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
             command.append("chatsite.asgi:application")
             process = subprocess.Popen(
                 command, cwd=ROOT, env=self.env, stdout=log.open("w"), stderr=subprocess.STDOUT
             )
-            self.ports.append(port)
             self.processes.append(process)
             self.logs.append(log)
         for port, process in zip(self.ports, self.processes, strict=True):
@@ -178,8 +183,11 @@ class Browser:
         with self.opener.open(self.base_url + path, timeout=10) as response:
             return response.read().decode()
 
-    def post(self, path: str, fields: dict[str, str]) -> tuple[int, str]:
-        page = self.get(path)
+    def post(
+        self, path: str, fields: dict[str, str], form_page: str | None = None
+    ) -> tuple[int, str]:
+        """Submit the form of form_page (by default path itself) to path."""
+        page = self.get(form_page or path)
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
         data = urllib.parse.urlencode({**fields, "csrfmiddlewaretoken": token.group(1)}).encode()
         with self.opener.open(self.base_url + path, data=data, timeout=10) as response:
@@ -191,6 +199,13 @@ class Browser:
             {"username": username, "password1": password, "password2": password},
         )
         assert not final_url.endswith("/accounts/signup/"), "sign-up failed"
+
+    def log_in(self, username: str, password: str = PASSWORD) -> None:
+        _, final_url = self.post("/accounts/login/", {"username": username, "password": password})
+        assert not final_url.endswith("/accounts/login/"), "login failed"
+
+    def log_out(self) -> None:
+        self.post("/accounts/logout/", {}, form_page="/")
 
     def cookie_header(self) -> str:
         return "; ".join(f"{c.name}={c.value}" for c in self.cookies)

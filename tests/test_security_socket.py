@@ -14,7 +14,7 @@ from django.core.cache import cache
 
 from chatsite import sendbuffer
 from chatsite.asgi import application
-from conversations import protocol, signins
+from conversations import protocol, replies, signins
 from conversations.auth import origin_allowed
 from conversations.budget import FrameBudget
 from conversations.models import ApiToken, Conversation, Message
@@ -146,6 +146,21 @@ async def test_subscribing_again_on_one_socket_replays_only_the_live_replies(ali
         assert [f["type"] for f in again] == ["conversation", "message"]
         assert again[1]["message"]["id"] == str(live.pk)
         assert again[1]["message"]["content"] == "so far"
+
+
+async def test_subscribing_again_after_news_of_the_conversation_replays_it_whole(alice):
+    """The socket was sent something about it (here a message from another
+    tab), so it may have missed more: a gap, an end's tail."""
+    conversation = await small_conversation(alice)
+    async with chat_socket(alice) as ws:
+        await replay(ws, conversation, "s1")
+        news = protocol.message_frame(conversation.pk, {"id": "x", "role": "user"})
+        await replies.broadcast(conversation.pk, news)
+        assert await ws.receive_json_from(timeout=5) == news
+        again = await replay(ws, conversation, "s2")
+        assert [f["type"] for f in again] == ["conversation"] + ["message"] * 6
+        assert "replay" not in again[0]
+        assert (await replay(ws, conversation, "s3"))[0]["replay"] == "live"
 
 
 async def test_subscribing_after_an_unsubscribe_replays_the_whole_conversation(alice):
@@ -374,7 +389,7 @@ def site_socket(**headers: str) -> WebsocketCommunicator:
 
 
 async def cookie_socket(user, **headers: str) -> WebsocketCommunicator:
-    client = await asyncio.to_thread(logged_in, user)
+    client = await sync_to_async(logged_in)(user)
     return site_socket(Cookie=f"sessionid={client.cookies['sessionid'].value}", **headers)
 
 
@@ -439,8 +454,7 @@ async def signed_out(ws) -> bool:
 
 
 async def two_sessions(user):
-    # One after the other: SQLite's shared in-memory test database locks.
-    return [await asyncio.to_thread(logged_in, user) for _ in range(2)]
+    return [await sync_to_async(logged_in)(user) for _ in range(2)]
 
 
 async def test_logging_out_closes_the_cookie_sockets_of_that_session_only(alice):
@@ -450,7 +464,7 @@ async def test_logging_out_closes_the_cookie_sockets_of_that_session_only(alice)
         await session_socket(staying),
         await token_socket(alice),
     ]
-    response = await asyncio.to_thread(leaving.post, "/accounts/logout/")
+    response = await sync_to_async(leaving.post)("/accounts/logout/")
     assert response.status_code == 302
     assert await signed_out(sockets[0])
     assert await answers(sockets[1]) and await answers(sockets[2])
@@ -472,8 +486,7 @@ async def test_a_new_password_closes_the_cookie_sockets_of_every_session_but_not
         await token_socket(alice),
     ]
     new = "another horse battery staple"
-    response = await asyncio.to_thread(
-        changing.post,
+    response = await sync_to_async(changing.post)(
         f"/admin/auth/user/{alice.pk}/password/",
         {"password1": new, "password2": new},
     )
@@ -487,7 +500,7 @@ async def test_a_new_password_closes_the_cookie_sockets_of_every_session_but_not
 
 
 async def test_deactivating_a_user_closes_every_socket_of_theirs(alice, bob):
-    client = await asyncio.to_thread(logged_in, alice)
+    client = await sync_to_async(logged_in)(alice)
     sockets = [await session_socket(client), await token_socket(alice)]
     bobs = await token_socket(bob)
     alice.is_active = False
@@ -499,7 +512,7 @@ async def test_deactivating_a_user_closes_every_socket_of_theirs(alice, bob):
 
 
 async def test_saving_a_user_without_a_new_password_or_deactivation_closes_nothing(alice):
-    client = await asyncio.to_thread(logged_in, alice)
+    client = await sync_to_async(logged_in)(alice)
     ws = await session_socket(client)
     alice.first_name = "Alice"
     await sync_to_async(alice.save)()
@@ -519,3 +532,33 @@ async def test_a_frame_that_races_the_sign_out_event_is_not_served(alice):
     assert await signed_out(ws)
     assert await ws.receive_nothing()
     await ws.disconnect()
+
+
+@pytest.mark.slow
+async def test_daphne_lets_a_cookie_socket_in_only_from_the_sites_own_origin(
+    tmp_path, fake_llm_server
+):
+    with running_site(tmp_path, fake_llm_server.base_url) as site:
+        browser = Browser(site.url())
+        await asyncio.to_thread(browser.sign_up, "oscar")
+        port = site.ports[0]
+        cookie = {"Cookie": browser.cookie_header()}
+        for origin in [
+            "http://127.0.0.1:18998",
+            "http://localhost:1",
+            f"https://127.0.0.1:{port}",
+            f"ws://127.0.0.1:{port}",
+            "null",
+            None,
+        ]:
+            headers = cookie if origin is None else {**cookie, "Origin": origin}
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with websockets.connect(site.ws_url(), additional_headers=headers):
+                    pass
+            assert refused.value.response.status_code == 403, origin
+        async with websockets.connect(site.ws_url(), additional_headers=browser.ws_headers()) as ws:
+            assert (await receive(ws, "ready"))[-1]["user"] == "oscar"
+        token = (await asyncio.to_thread(site.manage, "create_token", "oscar")).strip()
+        by_token = {"Authorization": f"Bearer {token}"}  # and no Origin
+        async with websockets.connect(site.ws_url(), additional_headers=by_token) as ws:
+            assert (await receive(ws, "ready"))[-1]["user"] == "oscar"
