@@ -351,7 +351,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def chat_event(self, event: dict) -> None:
         frame = event["frame"]
         conversation_id = event.get("conversation")
-        self.up_to_date.discard(str(conversation_id))
+        if conversation_id is not None:
+            self.up_to_date.discard(conversation_id)
         if event.get("skip") == self.channel_name:
             return
         if conversation_id is not None and conversation_id not in self.subscriptions:

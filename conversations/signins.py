@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from importlib import import_module
 
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY, get_user_model
 from django.contrib.auth.signals import user_logged_out
@@ -49,7 +49,9 @@ def epoch(user_id: int) -> str | None:
 
 
 async def aepoch(user_id: int) -> str | None:
-    return await cache.aget(_epoch_key(user_id))
+    # Read before every frame: not on the one thread that the database
+    # work of every socket queues for (cache.aget would be).
+    return await sync_to_async(epoch, thread_sensitive=False)(user_id)
 
 
 def signed_out(user_id: int) -> None:
