@@ -5,8 +5,6 @@ test_browser.py, whose Chromium, contexts and site they share."""
 
 import contextlib
 import http.server
-import json
-import re
 import threading
 
 import pytest
@@ -14,6 +12,7 @@ from playwright.sync_api import expect
 
 from tests import test_browser
 from tests.browser_support import (
+    SocketTap,
     answer,
     conversation_id,
     last_reply,
@@ -100,43 +99,19 @@ def test_logging_out_in_one_tab_signs_the_other_tabs_socket_out(new_context, sit
     expect(chat.locator("#connection-status")).to_have_text("signed out")
 
 
-def heard(page, frames: list[dict], wanted, count: int = 1) -> bool:
-    """Wait (up to 10 s) for count frames that are wanted. Playwright calls
-    the socket's handlers only while the page is waited on, hence the
-    page's own timeout rather than a sleep."""
-    for _ in range(200):
-        if sum(1 for f in frames if wanted(f)) >= count:
-            return True
-        page.wait_for_timeout(50)
-    return False
-
-
 def test_a_resubscribe_on_the_same_socket_keeps_the_messages_on_screen(page, site):
     """A gap makes the page subscribe again on its socket; the answer now
     replays only live replies, and the page keeps what it shows."""
     send(page, "Keep me")
     finished(last_reply(page))
-    from_server: list[dict] = []
-    routes = []
-
-    def pass_through(ws):
-        routes.append(ws)
-        server = ws.connect_to_server()
-
-        def forward(message):
-            from_server.append(json.loads(message))
-            ws.send(message)
-
-        server.on_message(forward)
-
-    page.route_web_socket(re.compile(r"/ws/chat/$"), pass_through)
+    tap = SocketTap(page)
     page.reload()
     wait_until_ready(page)
     expect(page.locator("#messages > article")).to_have_count(2)
-    assert heard(page, from_server, lambda f: f["type"] == "pong")  # the replay is through
+    assert tap.heard(lambda f: f["type"] == "pong")  # the page's replay is through
     gap = {"type": "delta", "conversation": conversation_id(page), "message": "m", "seq": 5}
-    routes[-1].send(json.dumps({**gap, "content": "?"}))
-    assert heard(page, from_server, lambda f: f.get("replay") == "live")
-    assert heard(page, from_server, lambda f: f["type"] == "pong", count=2)
+    tap.send({**gap, "content": "?"})
+    assert tap.heard(lambda f: f.get("replay") == "live")
+    assert tap.heard(lambda f: f["type"] == "pong", count=2)
     expect(page.locator("#messages > article")).to_have_count(2)
     expect(answer(last_reply(page))).not_to_be_empty()
