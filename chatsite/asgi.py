@@ -10,6 +10,7 @@ django_application = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter
 
+from chatsite.sendbuffer import bound_send_buffers
 from conversations import replies
 from conversations.auth import websocket_auth
 from conversations.routing import websocket_urlpatterns
@@ -47,3 +48,4 @@ def finish_replies_on_shutdown() -> None:
 
 
 finish_replies_on_shutdown()
+bound_send_buffers()

@@ -232,6 +232,20 @@ CHAT_MAX_REPLY_CHARS = env_int("CHAT_MAX_REPLY_CHARS", 200_000)
 # Seconds a reply may take in all, however steadily the server streams
 # (LLM_READ_TIMEOUT is per read).
 CHAT_REPLY_DEADLINE = env_float("CHAT_REPLY_DEADLINE", 600.0)
+# Frames a socket may send: CHAT_FRAME_RATE a second on average, in bursts of
+# up to CHAT_FRAME_BURST; past that they are refused, and a socket that goes
+# on for another CHAT_FRAME_BURST refused frames is closed (4004).
+CHAT_FRAME_RATE = env_float("CHAT_FRAME_RATE", 10.0)
+CHAT_FRAME_BURST = env_int("CHAT_FRAME_BURST", 40)
+# Bytes a socket may leave unread before its sends wait for the client, and
+# how long they wait before the socket is closed as too slow (4002).
+CHAT_SEND_BUFFER = env_int("CHAT_SEND_BUFFER", 4 * 1024 * 1024)
+CHAT_SEND_TIMEOUT = env_float("CHAT_SEND_TIMEOUT", 10.0)
+if min(CHAT_FRAME_RATE, CHAT_FRAME_BURST, CHAT_SEND_BUFFER, CHAT_SEND_TIMEOUT) <= 0:
+    raise ImproperlyConfigured(
+        "CHAT_FRAME_RATE, CHAT_FRAME_BURST, CHAT_SEND_BUFFER and CHAT_SEND_TIMEOUT"
+        " must be positive."
+    )
 
 LOGGING = {
     "version": 1,

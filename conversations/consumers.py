@@ -5,17 +5,21 @@ replies.py. What the socket holds of each live reply is in tracking.py."""
 import asyncio
 import json
 import logging
+import math
 import time
 from typing import Any, cast
 
 from channels.auth import UserLazyObject
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
 
 from . import llm, protocol, replies
+from .budget import FrameBudget
 from .models import ApiToken, Busy, Conversation, Message, NothingToAnswer
 from .protocol import ErrorCode, FrameError
 from .ratelimit import allow_send
+from .signins import SignIn, aepoch, user_group
 from .tracking import HeldReplies, Verdict
 
 logger = logging.getLogger(__name__)
@@ -29,8 +33,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.user: UserLazyObject | None = None
         self.token: ApiToken | None = None
         self.subscriptions: set[str] = set()
+        # Subscribed conversations this socket has had in full, with nothing
+        # sent about them since: a subscribe again need not replay them.
+        self.up_to_date: set[str] = set()
         self.held = HeldReplies()
         self.watchdog: asyncio.Task | None = None
+        self.budget = FrameBudget(settings.CHAT_FRAME_RATE, settings.CHAT_FRAME_BURST)
+        self.closing = False  # closed by us; frames still queued are dropped
+        self.sign_in: SignIn | None = None
+        self.epoch: str | None = None
 
     async def connect(self) -> None:
         self.user = self.scope.get("user")
@@ -39,6 +50,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         # Set by auth.TokenAuthMiddleware; the scope's values are typed object.
         self.token = cast("ApiToken | None", self.scope.get("api_token"))
+        session = self.scope.get("session")
+        self.sign_in = SignIn(
+            self.user.pk,
+            session_key=None if self.token or session is None else session.session_key or "",
+            token_id=self.token.pk if self.token else None,
+        )
+        # Join and read the epoch before checking: a sign-out from here on
+        # reaches this socket one way or the other.
+        await self.channel_layer.group_add(user_group(self.user.pk), self.channel_name)
+        self.epoch = await aepoch(self.user.pk)
+        if not await database_sync_to_async(self.sign_in.holds)():
+            await self.close()
+            return
         if self.token is not None:
             await self.channel_layer.group_add(self.token.group, self.channel_name)
         await self.accept()
@@ -56,6 +80,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self.watchdog.cancel()
         if self.token is not None:
             await self.channel_layer.group_discard(self.token.group, self.channel_name)
+        if self.sign_in is not None:
+            await self.channel_layer.group_discard(user_group(self.user_id), self.channel_name)
         for conversation_id in self.subscriptions:
             await self.channel_layer.group_discard(
                 replies.conversation_group(conversation_id), self.channel_name
@@ -64,6 +90,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def receive(
         self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
     ) -> None:
+        if self.closing:
+            return
+        wait = self.budget.take()
+        if wait:
+            await self.refuse(text_data, wait)
+            return
+        if not await self.still_signed_in():
+            return
         try:
             frame = protocol.decode(text_data)
         except FrameError as exc:
@@ -87,6 +121,40 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 ErrorCode.SERVER_ERROR, protocol.SERVER_ERROR_TEXT, request_id
             )
             await self.send_json(error)
+
+    async def refuse(self, text_data: str | None, wait: float) -> None:
+        """A frame past the budget: rate_limited, and a close for a client
+        that goes on regardless."""
+        if self.budget.overrun:
+            await self.close_socket(protocol.CLOSE_TOO_MANY_FRAMES)
+            return
+        try:
+            request_id = protocol.request_id(protocol.decode(text_data))
+        except FrameError:
+            request_id = None
+        await self.send_json(protocol.frames_rate_limited(math.ceil(wait)).frame(request_id))
+
+    async def still_signed_in(self) -> bool:
+        """Whether the socket's sign-in still stands (signins.py); closes the
+        socket with 4003 if not. One cache read, unless the epoch moved."""
+        epoch = await aepoch(self.user_id)
+        if epoch == self.epoch:
+            return True
+        if self.sign_in is not None and await database_sync_to_async(self.sign_in.holds)():
+            self.epoch = epoch
+            return True
+        await self.close_socket(protocol.CLOSE_SIGNED_OUT)
+        return False
+
+    @property
+    def user_id(self) -> int:
+        if self.user is None:  # connect() closed a socket without one
+            raise RuntimeError("no user on this socket")
+        return self.user.pk
+
+    async def close_socket(self, code: int) -> None:
+        self.closing = True
+        await self.close(code=code)
 
     async def send_frame(self, frame: Any, request_id: str | None) -> None:
         if request_id is not None:
@@ -146,15 +214,27 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def on_subscribe(self, frame: dict, request_id: str | None) -> None:
         conversation = await self.own_conversation(frame)
+        conversation_id = str(conversation.pk)
+        # Replaying a whole conversation the socket already holds, on every
+        # subscribe, let one socket grow the server by gigabytes.
+        unchanged = conversation_id in self.up_to_date
         # Join the group first: every delta after the snapshots below
         # reaches us, and self.held drops the ones the snapshots already hold.
         await self.subscribe(conversation)
-        await self.send_frame(protocol.conversation_frame(conversation), request_id)
         visible = conversation.visible_messages()
+        if unchanged:
+            visible = visible.filter(status__in=Message.LIVE_STATUSES)
+            answer: Any = protocol.resubscribed_frame(conversation)
+        else:
+            answer = protocol.conversation_frame(conversation)
+        await self.send_frame(answer, request_id)
         # A lambda, as the stubs reject database_sync_to_async(list)(...).
         messages = await database_sync_to_async(lambda: list(visible))()
         for message in messages:
             await self.send_frame(await self.current_frame(message), request_id)
+        # Events that arrived meanwhile wait behind this frame, and will
+        # take the conversation out of up_to_date again.
+        self.up_to_date.add(conversation_id)
 
     async def on_unsubscribe(self, frame: dict, request_id: str | None) -> None:
         await self.leave(protocol.conversation_id(frame))
@@ -216,6 +296,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         token may have been deleted or its user deactivated without a word
         to this socket: renew the one, re-check the other."""
         groups = [replies.conversation_group(c) for c in self.subscriptions]
+        groups.append(user_group(self.user_id))
         if self.token is not None:
             if (
                 not await ApiToken.objects.active()
@@ -233,6 +314,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # otherwise expire after a day.
         conversation_id = str(conversation.pk)
         self.subscriptions.add(conversation_id)
+        self.up_to_date.discard(conversation_id)
         await self.channel_layer.group_add(
             replies.conversation_group(conversation_id), self.channel_name
         )
@@ -242,6 +324,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if conversation_id not in self.subscriptions:
             return False
         self.subscriptions.discard(conversation_id)
+        self.up_to_date.discard(conversation_id)
         self.held.release_conversation(conversation_id)
         await self.channel_layer.group_discard(
             replies.conversation_group(conversation_id), self.channel_name
@@ -253,6 +336,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         what that frame holds."""
         snapshot = await replies.current(message)
         message_id, conversation_id = str(message.pk), str(message.conversation_id)
+        self.up_to_date.discard(conversation_id)
         if snapshot["status"] in Message.LIVE_STATUSES:
             self.held.hold(message_id, snapshot["seq"], conversation_id)
         else:
@@ -266,9 +350,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def chat_event(self, event: dict) -> None:
         frame = event["frame"]
+        conversation_id = event.get("conversation")
+        if conversation_id is not None:
+            self.up_to_date.discard(conversation_id)
         if event.get("skip") == self.channel_name:
             return
-        conversation_id = event.get("conversation")
         if conversation_id is not None and conversation_id not in self.subscriptions:
             return  # arrived after an unsubscribe
         if frame["type"] == "start":
@@ -295,6 +381,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def chat_deleted(self, event: dict) -> None:
         if await self.leave(event["conversation"]):
             await self.send_json(protocol.deleted_frame(event["conversation"]))
+
+    async def user_signed_out(self, event: dict) -> None:
+        if not self.closing:
+            await self.still_signed_in()
 
     async def token_revoked(self, event: dict) -> None:
         await self.close(code=protocol.CLOSE_TOKEN_REVOKED)

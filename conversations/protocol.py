@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 PROTOCOL = 1
 CLOSE_TOKEN_REVOKED = 4001
+CLOSE_TOO_SLOW = 4002  # the client left more than CHAT_SEND_BUFFER unread too long
+CLOSE_SIGNED_OUT = 4003  # logout, a password change or a deactivated account
+CLOSE_TOO_MANY_FRAMES = 4004  # went on sending past the frame budget's refusals
 MAX_FRAME = 256 * 1024
 MAX_ID = 64
 # Also the max_length of the model fields (Conversation.model, Message.model).
@@ -407,3 +410,16 @@ def deleted_frame(conversation_id: Any) -> dict[str, str]:
 
 def pong_frame() -> dict[str, str]:
     return {"type": "pong"}
+
+
+def frames_rate_limited(retry_after: int) -> FrameError:
+    """The per-socket frame budget is spent (CHAT_FRAME_RATE)."""
+    unit = "second" if retry_after == 1 else "seconds"
+    message = f"Too many frames on this socket; wait {retry_after} {unit} and try again."
+    return FrameError(ErrorCode.RATE_LIMITED, message, retry_after)
+
+
+def resubscribed_frame(conversation: "Conversation") -> dict[str, Any]:
+    """The answer to a subscribe on a socket already subscribed: only the
+    live replies' snapshots follow it, not the whole conversation again."""
+    return {**conversation_frame(conversation), "replay": "live"}

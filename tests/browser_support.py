@@ -4,6 +4,7 @@ a loopback server that records whether anything tried to reach it, and the
 vendored axe-core accessibility checker."""
 
 import http.server
+import json
 import re
 import sqlite3
 import threading
@@ -176,6 +177,41 @@ def eventually(read, until, timeout: float = 10.0):
         time.sleep(0.05)
         value = read()
     return value
+
+
+class SocketTap:
+    """The page's chat sockets, routed through the test: every frame the
+    server sends is recorded in frames, and send() puts a frame of the
+    test's own into the newest socket, as if the server had sent it."""
+
+    def __init__(self, page: Page):
+        self.page = page
+        self.routes: list = []
+        self.frames: list[dict] = []
+        page.route_web_socket(re.compile(r"/ws/chat/$"), self._pass_through)
+
+    def _pass_through(self, ws) -> None:
+        self.routes.append(ws)
+        server = ws.connect_to_server()
+
+        def forward(message):
+            self.frames.append(json.loads(message))
+            ws.send(message)
+
+        server.on_message(forward)
+
+    def send(self, frame: dict) -> None:
+        self.routes[-1].send(json.dumps(frame))
+
+    def heard(self, wanted, count: int = 1) -> bool:
+        """Wait (up to 10 s) for count recorded frames that are wanted.
+        Playwright runs the route's handlers only while the page is waited
+        on, hence the page's own timeout rather than a sleep."""
+        for _ in range(200):
+            if sum(1 for f in self.frames if wanted(f)) >= count:
+                return True
+            self.page.wait_for_timeout(50)
+        return False
 
 
 # ---------------------------------------------------------------- a host the page must not reach

@@ -70,15 +70,20 @@ class Site:
 
     def start(self, log_dir: Path) -> "Site":
         self.manage("migrate", "--noinput")
-        for index in range(self.count):
-            port = free_port()
+        self.ports = [free_port() for _ in range(self.count)]
+        if self.count > 1:
+            # One site on several ports: a page from any of them may open a
+            # socket to any other, as behind one load balancer.
+            origins = [self.env.get("CSRF_TRUSTED_ORIGINS", "")]
+            origins += [f"http://127.0.0.1:{port}" for port in self.ports]
+            self.env["CSRF_TRUSTED_ORIGINS"] = ",".join(filter(None, origins))
+        for index, port in enumerate(self.ports):
             log = log_dir / f"daphne-{index}.log"
             command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
             command.append("chatsite.asgi:application")
             process = subprocess.Popen(
                 command, cwd=ROOT, env=self.env, stdout=log.open("w"), stderr=subprocess.STDOUT
             )
-            self.ports.append(port)
             self.processes.append(process)
             self.logs.append(log)
         for port, process in zip(self.ports, self.processes, strict=True):
@@ -180,8 +185,11 @@ class Browser:
         with self.opener.open(self.base_url + path, timeout=10) as response:
             return response.read().decode()
 
-    def post(self, path: str, fields: dict[str, str]) -> tuple[int, str]:
-        page = self.get(path)
+    def post(
+        self, path: str, fields: dict[str, str], form_page: str | None = None
+    ) -> tuple[int, str]:
+        """Submit the form of form_page (by default path itself) to path."""
+        page = self.get(form_page or path)
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
         data = urllib.parse.urlencode({**fields, "csrfmiddlewaretoken": token.group(1)}).encode()
         with self.opener.open(self.base_url + path, data=data, timeout=10) as response:
@@ -193,6 +201,13 @@ class Browser:
             {"username": username, "password1": password, "password2": password},
         )
         assert not final_url.endswith("/accounts/signup/"), "sign-up failed"
+
+    def log_in(self, username: str, password: str = PASSWORD) -> None:
+        _, final_url = self.post("/accounts/login/", {"username": username, "password": password})
+        assert not final_url.endswith("/accounts/login/"), "login failed"
+
+    def log_out(self) -> None:
+        self.post("/accounts/logout/", {}, form_page="/")
 
     def cookie_header(self) -> str:
         return "; ".join(f"{c.name}={c.value}" for c in self.cookies)
@@ -212,3 +227,116 @@ async def receive(ws, frame_type: str, timeout: float = 20.0, pause: float = 0) 
                 return frames
             if pause:
                 await asyncio.sleep(pause)
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory (VmRSS), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+LONG_CONVERSATION = """
+import sys
+from django.contrib.auth import get_user_model
+from conversations.models import Conversation, Message
+owner = get_user_model().objects.get(username=sys.argv[-2])
+conversation = Conversation.objects.create(owner=owner, title="long")
+size = int(sys.argv[-1])
+Message.objects.bulk_create(
+    Message(conversation=conversation, role="user" if i % 2 == 0 else "assistant",
+            content=(f"{i} " + "x" * size)[:size])
+    for i in range(int(sys.argv[-3]))
+)
+print(conversation.pk)
+"""
+
+
+def long_conversation(site: Site, username: str, messages: int = 200, size: int = 2048) -> str:
+    """Make a conversation of that many messages of size characters in the
+    site's database; its id."""
+    code = LONG_CONVERSATION.replace("sys.argv[-3]", str(messages))
+    code = code.replace("sys.argv[-2]", repr(username)).replace("sys.argv[-1]", str(size))
+    return site.manage("shell", "-c", code).strip().splitlines()[-1]
+
+
+class RawSocket:
+    """A WebSocket client on a blocking TCP socket that reads only when
+    told to: the slow or hostile reader that websockets.connect (which
+    always reads in the background) cannot play."""
+
+    def __init__(self, url: str, headers: dict[str, str], receive_buffer: int = 65536):
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        uri = parse_uri(url)
+        self.protocol = ClientProtocol(uri)
+        self.sock = socket.socket()
+        # A small receive window, so the server's backlog builds up in the
+        # server rather than in this kernel's buffers.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(10)
+        self.sock.connect((uri.host, uri.port))
+        request = self.protocol.connect()
+        for name, value in headers.items():
+            request.headers[name] = value
+        self.protocol.send_request(request)
+        self.flush()
+        response = None
+        while response is None:
+            self.feed(self.sock.recv(65536))
+            response = next(iter(self.protocol.events_received()), None)
+        if self.protocol.handshake_exc is not None:
+            raise self.protocol.handshake_exc
+
+    def flush(self) -> None:
+        for data in self.protocol.data_to_send():
+            if data:
+                self.sock.sendall(data)
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self.protocol.receive_data(data)
+        else:
+            self.protocol.receive_eof()
+
+    def send_json(self, frame: dict) -> None:
+        self.protocol.send_text(json.dumps(frame).encode())
+        self.flush()
+
+    def drain(self, seconds: float = 30.0) -> int | None:
+        """Read until the server closes the connection; its close code, or
+        None when the connection dropped without a close frame."""
+        deadline = time.monotonic() + seconds
+        self.sock.settimeout(1)
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except OSError:
+                return None
+            self.feed(data)
+            self.protocol.events_received()
+            if self.protocol.close_rcvd is not None:
+                return self.protocol.close_rcvd.code
+            if not data:
+                return None
+        raise TimeoutError(f"the server kept the socket open for {seconds} s")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def flood(ws: RawSocket, conversation_id: str, count: int, frames: list[dict]) -> int:
+    """Send count frames about the conversation, cycling through frames
+    (`subscribe` ones, say), without reading; how many went out before the
+    server closed the connection."""
+    for sent in range(count):
+        frame = {**frames[sent % len(frames)], "conversation": conversation_id, "id": str(sent)}
+        try:
+            ws.send_json(frame)
+        except OSError:
+            return sent
+    return count

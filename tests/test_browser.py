@@ -23,6 +23,7 @@ from tests.browser_support import (
     LAUNCH_ARGS,
     PASSWORD,
     RecordingServer,
+    SocketTap,
     all_prefixes,
     answer,
     answer_text,
@@ -582,28 +583,12 @@ def test_conversation_and_deleted_frames_update_the_page(page, site):
     send(page, "Topic to change")
     finished(last_reply(page))
     chat_id = conversation_id(page)
-    routes = []
-    from_server: list[dict] = []
-
-    def pass_through(ws):
-        routes.append(ws)
-        server = ws.connect_to_server()
-
-        def forward(message):
-            from_server.append(json.loads(message))
-            ws.send(message)
-
-        server.on_message(forward)
-
-    page.route_web_socket(re.compile(r"/ws/chat/$"), pass_through)
+    tap = SocketTap(page)
     page.reload()
     wait_until_ready(page)
     # The page's own subscribe answers with the stored conversation frame: a
     # frame put in before that answer is through would be overwritten by it.
-    for _ in range(200):
-        if sum(f.get("type") == "message" for f in from_server) >= 2:
-            break
-        page.wait_for_timeout(50)
+    tap.heard(lambda f: f.get("type") == "message", count=2)
     item = page.locator(f'#conversation-list li[data-id="{chat_id}"]')
 
     changed = {
@@ -614,14 +599,14 @@ def test_conversation_and_deleted_frames_update_the_page(page, site):
         "created": "2026-05-01T10:00:00+00:00",
         "updated": "2026-05-01T10:00:00+00:00",
     }
-    routes[-1].send(json.dumps({"type": "conversation", "conversation": changed}))
+    tap.send({"type": "conversation", "conversation": changed})
     expect(page.locator("#chat-title")).to_have_text("Changed in another tab")
     expect(item.locator(".conversation-title")).to_have_text("Changed in another tab")
     expect(item.locator(".conversation-link")).to_have_attribute("title", "Changed in another tab")
     expect(page.locator("#model")).to_have_value("fake-long")
     expect(page.locator("#system")).to_have_value("Be brief.")
 
-    routes[-1].send(json.dumps({"type": "deleted", "conversation": chat_id}))
+    tap.send({"type": "deleted", "conversation": chat_id})
     expect(page).to_have_url(site.url() + "/")
     expect(page.locator("#notice-text")).to_have_text("This conversation was deleted.")
     expect(item).to_have_count(0)

@@ -8,6 +8,7 @@ import os
 import pytest
 import websockets
 
+from conversations import protocol
 from tests.fake_llm import expected_text
 from tests.live import Browser, Site, receive, running_site
 
@@ -132,3 +133,64 @@ async def test_a_fast_long_reply_reaches_a_slow_reader_in_another_process_whole(
     await receive(a, "end", timeout=60)
     await a.close()
     await b.close()
+
+
+async def closed_with(ws, code: int, seconds: float = 5.0) -> bool:
+    """The server closes the socket with code within seconds; any frame
+    still on its way before the close is read and dropped."""
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                await ws.recv()
+    except websockets.ConnectionClosed:
+        return ws.close_code == code
+    except TimeoutError:
+        return False
+
+
+async def answers(ws) -> bool:
+    await ws.send(json.dumps({"type": "ping", "id": "still"}))
+    return (await receive(ws, "pong", timeout=5))[-1].get("id") == "still"
+
+
+async def test_logging_out_through_one_process_closes_that_sessions_socket_in_the_other(
+    two_processes,
+):
+    leaving = Browser(two_processes.url(0))
+    await asyncio.to_thread(leaving.sign_up, "ivan")
+    staying = Browser(two_processes.url(0))
+    await asyncio.to_thread(staying.log_in, "ivan")
+    gone, kept = await connect(two_processes, 1, leaving), await connect(two_processes, 1, staying)
+    await asyncio.to_thread(leaving.log_out)
+    assert await closed_with(gone, protocol.CLOSE_SIGNED_OUT)
+    assert await answers(kept)
+    await kept.close()
+
+
+async def test_a_new_password_or_deactivation_in_a_shell_closes_sockets_in_every_process(
+    two_processes,
+):
+    browser = Browser(two_processes.url(0))
+    await asyncio.to_thread(browser.sign_up, "judy")
+    token = two_processes.manage("create_token", "judy").strip()
+    by_token = {"Authorization": f"Bearer {token}"}
+    cookies = [await connect(two_processes, i, browser) for i in (0, 1)]
+    tokens = [
+        await websockets.connect(two_processes.ws_url(i), additional_headers=by_token)
+        for i in (0, 1)
+    ]
+    for ws in tokens:
+        await receive(ws, "ready")
+    shell = "from django.contrib.auth.models import User; u = User.objects.get(username='judy'); "
+    await asyncio.to_thread(
+        two_processes.manage, "shell", "-c", shell + "u.set_password('x'); u.save()"
+    )
+    for ws in cookies:
+        assert await closed_with(ws, protocol.CLOSE_SIGNED_OUT)
+    for ws in tokens:
+        assert await answers(ws)  # a token does not depend on the password
+    await asyncio.to_thread(
+        two_processes.manage, "shell", "-c", shell + "u.is_active = False; u.save()"
+    )
+    for ws in tokens:
+        assert await closed_with(ws, protocol.CLOSE_SIGNED_OUT)

@@ -155,7 +155,7 @@ async def test_a_cookie_socket_must_come_from_an_allowed_origin(alice):
         ("http://evil.example", False),
         (None, False),
     ]:
-        headers = {"Cookie": cookie}
+        headers = {"Cookie": cookie, "Host": "127.0.0.1:8000"}  # as a browser sends
         if origin:
             headers["Origin"] = origin
         ws = socket(headers)

@@ -35,8 +35,15 @@ socket.addEventListener("close", (event) => {
   pending.connectionLost();
   state.replay = null;
   updateComposer();
-  const { failures } = event.detail;
-  if (failures >= 3 && !state.probedLogin) probeLogin();
+  const { code, failures } = event.detail;
+  if (code === 4003) {
+    // Signed out (logout, a new password, deactivation). The browser's own
+    // session may have survived, as when this browser changed the password.
+    setConnection("signed-out");
+    probeLogin("You were signed out.").then((signedIn) => {
+      if (signedIn !== false) socket.resume();
+    });
+  } else if (failures >= 3 && !state.probedLogin) probeLogin();
 });
 
 socket.addEventListener("frame", (event) => handleFrame(event.detail));

@@ -67,16 +67,22 @@ export function announce(text) {
   }, 50);
 }
 
-/** Repeated refused handshakes usually mean the session ended; tell the user instead of retrying forever in silence. */
-export async function probeLogin() {
+/**
+ * Repeated refused handshakes usually mean the session ended; tell the user instead of retrying forever in silence.
+ * Resolves to false when the session has ended (the notice says `message`), true when it has not, null if offline.
+ */
+export async function probeLogin(message = "You have been logged out.") {
   state.probedLogin = true;
   try {
     const response = await fetch(location.href, { credentials: "same-origin", cache: "no-store" });
     if (response.redirected && /login/.test(new URL(response.url).pathname)) {
-      showNotice("You have been logged out.", { href: response.url, text: "Log in again" });
+      showNotice(message, { href: response.url, text: "Log in again" });
+      return false;
     }
+    return true;
   } catch {
     // Offline: the reconnect loop keeps trying; nothing to add.
+    return null;
   }
 }
 

@@ -3,6 +3,10 @@
 
 const BASE_DELAY_MS = 500;
 const MAX_DELAY_MS = 10_000;
+// The server ended the sign-in behind the socket (docs/protocol.md, close
+// codes): retrying with the same credentials cannot help, so the socket stays
+// down until resume() (the page may find its session still good).
+const FINAL_CLOSE_CODES = new Set([4001, 4003]);
 
 /** ws: or wss: to the page's own host; wss: whenever the page itself is https. */
 function socketUrl(path) {
@@ -13,7 +17,8 @@ function socketUrl(path) {
 /**
  * Events (all CustomEvent):
  *  - "open": a connection is up (detail.reconnected tells whether one was up before)
- *  - "close": it went down (detail.delayMs until the next try, detail.failures in a row)
+ *  - "close": it went down (detail.delayMs until the next try, detail.failures in a row;
+ *    detail.final when it will not retry by itself, see FINAL_CLOSE_CODES)
  *  - "frame": one parsed JSON object from the server (detail)
  */
 export class ChatSocket extends EventTarget {
@@ -28,6 +33,7 @@ export class ChatSocket extends EventTarget {
     this.retryTimer = null;
     this.pingTimer = null;
     this.lastHeard = 0;
+    this.stopped = false;
 
     // A laptop waking up or a network coming back is a good moment to retry
     // at once instead of waiting out a long backoff.
@@ -53,7 +59,7 @@ export class ChatSocket extends EventTarget {
   }
 
   reconnectNow() {
-    if (this.ws) return;
+    if (this.ws || this.stopped) return;
     clearTimeout(this.retryTimer);
     this.failures = 0;
     this.connect();
@@ -103,12 +109,20 @@ export class ChatSocket extends EventTarget {
     this.ws = null;
     clearInterval(this.pingTimer);
     if (!opened) this.failures += 1;
-    const delayMs = this.scheduleRetry();
+    const final = FINAL_CLOSE_CODES.has(code);
+    this.stopped = final;
+    const delayMs = final ? null : this.scheduleRetry();
     this.dispatchEvent(
       new CustomEvent("close", {
-        detail: { code, opened, failures: this.failures, delayMs },
+        detail: { code, opened, failures: this.failures, delayMs, final },
       }),
     );
+  }
+
+  /** Connect again after a final close code. */
+  resume() {
+    this.stopped = false;
+    this.reconnectNow();
   }
 
   scheduleRetry() {

@@ -102,7 +102,12 @@ const HANDLERS = {
       if (waiting) adoptNewConversation(conv, waiting);
     }
     if (conv.id === state.current) applyConversation(conv);
-    if (entry && entry.type === "subscribe") pending.delete(frame.id);
+    if (entry && entry.type === "subscribe") {
+      // A subscribe on a socket already subscribed replays only the live
+      // replies: what else is on screen is still current, not stale.
+      if (frame.replay === "live" && state.replay?.conversation === conv.id) state.replay.stale.clear();
+      pending.delete(frame.id);
+    }
   },
 
   deleted(frame) {

@@ -6,7 +6,13 @@ import { config, els, root, state } from "./page.js";
 export function setConnection(status) {
   els.connection.dataset.state = status;
   els.connection.textContent =
-    status === "connected" ? "connected" : status === "reconnecting" ? "reconnecting…" : "connecting…";
+    status === "connected"
+      ? "connected"
+      : status === "reconnecting"
+        ? "reconnecting…"
+        : status === "signed-out"
+          ? "signed out"
+          : "connecting…";
 }
 
 export function setLlm(status) {
