@@ -978,6 +978,9 @@ def chat_with_replies(new_context, site, scheme: str, markdown: str):
     finished(last_reply(page))
     choose_model(page, "fake-think")
     send(page, "And think about it")
+    # Until the second reply starts, the last reply is the first, finished:
+    # without this the page could be checked mid-stream (a pulsing label).
+    expect(page.locator("#messages > article.message.assistant")).to_have_count(2)
     finished(last_reply(page))
     page.locator("#settings > summary").click()
     return page
