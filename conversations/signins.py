@@ -100,9 +100,14 @@ class SignIn:
 def end_the_sessions_sockets(sender, request, user, **kwargs) -> None:
     if user is None or request is None or not request.session.session_key:
         return
+    session_key = request.session.session_key
     # The session is flushed only after this signal: a socket that checks
     # in between must already find it ended.
-    cache.set(_ended_key(request.session.session_key), True, settings.SESSION_COOKIE_AGE)
+    cache.set(_ended_key(session_key), True, settings.SESSION_COOKIE_AGE)
+    # And a page told its socket is signed out asks the site whether it is:
+    # take the session out of the store now, so the answer is already no.
+    # (request.session itself is left for the other receivers, and flushed.)
+    request.session.delete(session_key)
     signed_out(user.pk)
 
 
