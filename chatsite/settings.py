@@ -212,6 +212,9 @@ DEFAULT_MODEL = os.environ.get("DEFAULT_MODEL") or (
 LLM_CONNECT_TIMEOUT = env_float("LLM_CONNECT_TIMEOUT", 5.0)
 LLM_READ_TIMEOUT = env_float("LLM_READ_TIMEOUT", 120.0)
 LLM_MODELS_CACHE_SECONDS = env_float("LLM_MODELS_CACHE_SECONDS", 10.0)
+# For models whose template opens <think> itself: how many characters of an
+# answer without <think> to hold back for a </think> (0: none; see llm.py).
+LLM_THINK_UNDECIDED_CHARS = env_int("LLM_THINK_UNDECIDED_CHARS", 0)
 
 # Chat behaviour.
 CHAT_CONTEXT_BUDGET = env_int("CHAT_CONTEXT_BUDGET", 6000)  # tokens, roughly 4 characters each

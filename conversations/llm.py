@@ -29,6 +29,38 @@ def cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def clean(text: str) -> str:
+    """Text from the model server as we can store and send it: a surrogate
+    pair joined into its character, a lone surrogate made U+FFFD (neither
+    UTF-8, so neither the database nor a socket, can carry one), and NUL
+    removed (Postgres cannot keep it; user input refuses it, but a model's
+    answer cannot be refused)."""
+    if text.isascii():
+        return text.replace("\x00", "")
+    # UTF-16 joins the pairs a JSON decoder left apart and marks the rest.
+    mended = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return mended.replace("\x00", "")
+
+
+class SurrogateMender:
+    """Cleans one streamed field, piece by piece. A UTF-16 server may end a
+    piece on the first half of a pair and send the second half next: a
+    trailing high surrogate is held until the next piece says which."""
+
+    def __init__(self) -> None:
+        self.held = ""
+
+    def feed(self, text: str) -> str:
+        text, self.held = self.held + text, ""
+        if text and "\ud800" <= text[-1] <= "\udbff":
+            text, self.held = text[:-1], text[-1]
+        return clean(text)
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return clean(held)
+
+
 class LLMError(Exception):
     """Anything that went wrong with the model server, with a protocol code:
     upstream_unavailable, model_not_found, upstream_error or timeout.
@@ -65,6 +97,19 @@ class LengthCut:
 class Usage:
     prompt_tokens: int | None
     completion_tokens: int | None
+
+
+# The largest count the database keeps (PositiveIntegerField on Postgres).
+MAX_TOKEN_COUNT = 2**31 - 1
+
+
+def token_count(value: object) -> int | None:
+    """A usage count as the server sent it, or None unless it is a whole
+    number the database can keep: a server's bad count must not cost the
+    reply its save."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 <= value <= MAX_TOKEN_COUNT else None
 
 
 # One client per event loop and configuration: making one costs ~20 ms of
@@ -131,7 +176,7 @@ def _as_llm_error(exc: BaseException) -> LLMError:
 def _status_error(exc: openai.APIStatusError, code: ErrorCode, fallback: str) -> LLMError:
     """The server's own words reach the user, cut short; the whole answer
     (cut to DETAIL_LIMIT) goes to the log and to staff."""
-    message = _status_message(exc, fallback)
+    message = clean(_status_message(exc, fallback))
     detail = f"HTTP {exc.status_code} from the model server: {message}"
     logger.warning("%s", cut(detail, DETAIL_LIMIT))
     return LLMError(code, cut(message, USER_TEXT_LIMIT), detail)
@@ -206,46 +251,79 @@ async def default_model() -> str:
 
 
 class ThinkSplitter:
-    """Splits `<think>…</think>` out of streamed content, also when a tag is
-    cut across chunks: text that might be the start of a tag is held back
-    until the next chunk decides."""
+    """Splits a think block out of streamed content. A block counts only
+    where models put it, at the start of the answer after optional
+    whitespace: a `<think>` later on is text (an answer about the tag), and
+    so is everything after the first block. A tag cut across chunks is
+    held back until the next chunk decides.
+
+    A model whose chat template opens the block itself sends only its end.
+    With `undecided` > 0, an answer that does not open with `<think>` is
+    held back, up to that many characters, for a `</think>` that makes what
+    came before it reasoning; a `<think>` first, the limit or the end of the
+    stream make it content. With 0 it is content at once.
+
+    A block that never closes is sent again as the answer at the end of the
+    stream: a model that forgot its closing tag must not leave the answer
+    empty."""
 
     OPEN, CLOSE = "<think>", "</think>"
 
-    def __init__(self) -> None:
-        self.thinking = False
+    def __init__(self, undecided: int = 0) -> None:
+        self.undecided = undecided
+        self.state = "start"  # then "thinking" or "implicit", then "answer"
         self.held = ""
-        self.seen_text = False
-        self.had_think = False
+        self.thought: list[str] = []  # an open block's reasoning so far
+        self.strip = False  # models put a blank line after </think>
 
     def feed(self, text: str) -> Delta:
-        content: list[str] = []
-        reasoning: list[str] = []
-        text = self.held + text
-        self.held = ""
-        while text:
-            tag = self.CLOSE if self.thinking else self.OPEN
-            index = text.find(tag)
-            if index >= 0:
-                (reasoning if self.thinking else content).append(text[:index])
-                text = text[index + len(tag) :]
-                self.thinking = not self.thinking
-                self.had_think = True
-                continue
-            keep = _partial_suffix(text, tag)
-            body, self.held = text[: len(text) - keep], text[len(text) - keep :]
-            (reasoning if self.thinking else content).append(body)
-            break
-        answer = "".join(content)
-        # Models put a blank line after </think>; it is not part of the answer.
-        if not self.seen_text and self.had_think:
-            answer = answer.lstrip()
-        self.seen_text = self.seen_text or bool(answer)
-        return Delta(content=answer, reasoning="".join(reasoning))
+        text, self.held = self.held + text, ""
+        reasoning = ""
+        if self.state == "start":
+            body = text.lstrip()
+            if body.startswith(self.OPEN):
+                self.state, text = "thinking", body[len(self.OPEN) :]
+            elif self.OPEN.startswith(body):  # nothing but whitespace, or a tag begun
+                self.held = text
+                return Delta()
+            else:
+                self.state = "implicit" if self.undecided > 0 else "answer"
+        if self.state == "implicit":
+            close, opened = text.find(self.CLOSE), text.find(self.OPEN)
+            if close >= 0 and not 0 <= opened < close:
+                reasoning, text = text[:close], text[close + len(self.CLOSE) :]
+                self.state, self.strip = "answer", True
+            elif opened >= 0 or len(text) > self.undecided:
+                self.state = "answer"
+            else:
+                self.held = text
+                return Delta()
+        if self.state == "thinking":
+            index = text.find(self.CLOSE)
+            if index < 0:
+                keep = _partial_suffix(text, self.CLOSE)
+                self.held = text[len(text) - keep :]
+                self.thought.append(text[: len(text) - keep])
+                return Delta(reasoning=self.thought[-1])
+            reasoning, text = text[:index], text[index + len(self.CLOSE) :]
+            self.state, self.strip, self.thought = "answer", True, []
+        if self.strip:
+            text = text.lstrip()
+            self.strip = not text
+        return Delta(content=text, reasoning=reasoning)
+
+    def no_tags_needed(self) -> None:
+        """The server sends reasoning in a field of its own: an answer that
+        does not open with `<think>` is content, not held back."""
+        self.undecided = 0
 
     def flush(self) -> Delta:
         held, self.held = self.held, ""
-        return Delta(reasoning=held) if self.thinking else Delta(content=held)
+        if self.state == "thinking":
+            # held can only be the start of a </think> that never came.
+            thought = "".join(self.thought) + held
+            return Delta(content=thought.lstrip(), reasoning=held)
+        return Delta(content=held)
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -272,7 +350,8 @@ async def stream_chat(
     Raises LLMError. Closing the generator closes the HTTP request, which
     is how the model server learns that the user pressed Stop."""
     params = {k: v for k, v in (options or {}).items() if k in OPTION_RANGES and v is not None}
-    splitter = ThinkSplitter()
+    splitter = ThinkSplitter(settings.LLM_THINK_UNDECIDED_CHARS)
+    menders = SurrogateMender(), SurrogateMender()  # content, reasoning
     chunks = 0
     usage: Usage | None = None
     finished = started = named = cut_short = False
@@ -291,17 +370,23 @@ async def stream_chat(
             async for chunk in stream:
                 if not named and chunk.model:
                     named = True
-                    yield ServedBy(chunk.model)
+                    yield ServedBy(clean(chunk.model))
                 if chunk.usage is not None:
-                    usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                    usage = Usage(
+                        token_count(chunk.usage.prompt_tokens),
+                        token_count(chunk.usage.completion_tokens),
+                    )
                 for choice in chunk.choices[:1]:
                     finished = finished or choice.finish_reason is not None
                     cut_short = cut_short or choice.finish_reason == "length"
                     delta = choice.delta
                     if delta is None:
                         continue
-                    split = splitter.feed(delta.content or "")
-                    reasoning = _reasoning_of(delta) + split.reasoning
+                    field = menders[1].feed(_reasoning_of(delta))
+                    if field:
+                        splitter.no_tags_needed()
+                    split = splitter.feed(menders[0].feed(delta.content or ""))
+                    reasoning = field + split.reasoning
                     if split.content or reasoning:
                         chunks += 1
                         yield Delta(content=split.content, reasoning=reasoning)
@@ -325,9 +410,12 @@ async def stream_chat(
         raise LLMError(
             ErrorCode.UPSTREAM_ERROR, "The model server ended the answer before finishing it."
         )
+    last = splitter.feed(menders[0].flush())
     rest = splitter.flush()
-    if rest.content or rest.reasoning:
-        yield rest
+    content = last.content + rest.content
+    reasoning = menders[1].flush() + last.reasoning + rest.reasoning
+    if content or reasoning:
+        yield Delta(content=content, reasoning=reasoning)
     if cut_short:
         yield LengthCut()
     # Servers that ignore include_usage still get a count: one chunk is

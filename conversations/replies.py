@@ -29,6 +29,13 @@ logger = logging.getLogger(__name__)
 _running: dict[asyncio.Task, "ReplyWriter"] = {}
 _swept = False
 
+# Seconds between the tries of a reply's final save; then, once its end has
+# told the tabs it could not be saved, between the later tries that still
+# hold its text (about two minutes in all, for a database that comes back).
+FINAL_SAVE_DELAYS: tuple[float, ...] = (0.5, 1.0)
+LATER_SAVE_DELAYS: tuple[float, ...] = (2.0, 5.0, 10.0, 30.0, 60.0)
+UNSAVED_TEXT = "The reply could not be saved; the server keeps trying for a few minutes."
+
 
 def conversation_group(conversation_id: Any) -> str:
     return f"chat.{conversation_id}"
@@ -423,19 +430,55 @@ class ReplyWriter:
         fields = ["status", "model", "error_code", "error", "error_detail", "finish_reason"]
         fields += ["ttft_ms", "duration_ms"]
         fields += ["prompt_tokens", "completion_tokens"]
-        for attempt in range(3):
-            try:
-                await self._save(**{field: getattr(message, field) for field in fields})
-                break
-            except Exception:
-                logger.exception("saving reply %s failed (attempt %d)", self.message_id, attempt)
-                await asyncio.sleep(0.5 * (attempt + 1))
+        values = {field: getattr(message, field) for field in fields}
+        saved = await self._save_with_retries(values, FINAL_SAVE_DELAYS, "final")
+        if not saved:
+            # end says what the database holds: never `complete` for a
+            # reply that is not kept (docs/protocol.md, "end").
+            message.status = Message.Status.ERROR
+            message.error_code, message.error = protocol.ErrorCode.SERVER_ERROR, UNSAVED_TEXT
+            error = llm.LLMError(protocol.ErrorCode.SERVER_ERROR, UNSAVED_TEXT)
         await self._broadcast(protocol.end_frame(message))
         if error is not None and self.origin and self.outcome != Message.Status.INTERRUPTED:
             answer = protocol.error_frame(
                 error.code, error.message, self.request_id, self.conversation_id
             )
             await self.layer.send(self.origin, {"type": "chat.event", "frame": answer})
+        if not saved:
+            await self._save_later(values)
+
+    async def _save_with_retries(
+        self, values: dict[str, Any], delays: tuple[float, ...], which: str
+    ) -> bool:
+        for attempt in range(len(delays) + 1):
+            if attempt:
+                await asyncio.sleep(delays[attempt - 1])
+            try:
+                await self._save(**values)
+            except Exception:
+                logger.exception(
+                    "%s save of reply %s failed (try %d)", which, self.message_id, attempt
+                )
+            else:
+                return True
+        return False
+
+    async def _save_later(self, values: dict[str, Any]) -> None:
+        """The text is still only here: keep trying, a bounded number of
+        times, and say in the log what is lost if every try fails."""
+        lost = (
+            f"reply {self.message_id} could not be saved: {len(self.content)} characters"
+            f" of content and {len(self.reasoning)} of reasoning are lost"
+        )
+        try:
+            await asyncio.sleep(LATER_SAVE_DELAYS[0])
+            if await self._save_with_retries(values, LATER_SAVE_DELAYS[1:], "later"):
+                logger.info("reply %s saved after its end", self.message_id)
+                return
+        except asyncio.CancelledError:
+            logger.error("%s (the server stopped)", lost)
+            raise
+        logger.error("%s", lost)
 
     async def _broadcast(self, frame: Any) -> None:
         await broadcast(self.conversation_id, frame)

@@ -45,10 +45,27 @@ class Spec:
     # "1": a runaway server that streams w1 w2 w3 … until the client hangs
     # up (ENDLESS_LIMIT at most), ignoring max_tokens; n is ignored.
     endless: str | None = None
+    # Text a UTF-16 server or a careless one sends (see MANGLES): put at the
+    # end of the first content (and reasoning-field) delta and the start of
+    # the second.
+    mangle: str | None = None
+    # "neg" | "huge" | "float" | "string" | "bool": what usage counts say.
+    usage: str | None = None
 
 
 ENDLESS_LIMIT = 10_000_000
 HUGE_ERROR_SIZE = 2_000_000
+
+
+# mangle -> (end of the first delta, start of the second), and what a client
+# must be shown between the two deltas' own text.
+MANGLES = {
+    "split": (("\ud83d", "\ude00"), "\U0001f600"),  # one emoji, split in two
+    "high": (("\ud800", ""), "\ufffd"),  # a lone high surrogate
+    "low": (("", "\udc00"), "\ufffd"),  # a lone low surrogate
+    "nul": (("\x00", "\x00"), ""),
+}
+BAD_USAGE: dict[str, Any] = {"neg": -5, "huge": 2**31, "float": 3.5, "string": "7", "bool": True}
 
 
 def parse_model(model: str) -> Spec:
@@ -109,6 +126,26 @@ def reasoning_for(model: str) -> str:
     return " ".join(_REASONING) if reasons else ""
 
 
+def _mend(pieces: list[str], shown: str) -> str:
+    return pieces[0] + shown + "".join(pieces[1:]) if len(pieces) > 1 else "".join(pieces)
+
+
+def mended_text(model: str, messages: list[dict] | None = None) -> tuple[str, str]:
+    """(content, reasoning) as a client must be shown them when the server
+    mangles its text (the mangle key): the surrogates mended, NUL removed."""
+    spec = parse_model(model)
+    if not spec.mangle:
+        return expected_text(model, messages), reasoning_for(model)
+    if spec.base == "fake-think":
+        raise ValueError("mangle cuts into the think tags of fake-think")
+    shown = MANGLES[spec.mangle][1]
+    content = _mend(tokens_for(model, messages), shown)
+    reasoning = reasoning_for(model)
+    if spec.base == "fake-reasoning-field":
+        reasoning = _mend(_words(_REASONING), shown)
+    return content, reasoning
+
+
 @dataclass
 class _Reply:
     model: str
@@ -135,8 +172,21 @@ def _plan(body: dict) -> _Reply:
         deltas = [{"content": t} for t in think] + deltas
     elif spec.base == "fake-reasoning-field":
         fields = ("reasoning_content", "reasoning")  # vLLM vs Ollama spelling
+        if spec.mangle:
+            r = _mangled(r, spec.mangle)
         deltas = [{fields[i % 2]: t} for i, t in enumerate(r)] + deltas
+    if spec.mangle:
+        contents = [i for i, d in enumerate(deltas) if "content" in d][:2]
+        if len(contents) == 2:
+            pair = _mangled([deltas[i]["content"] for i in contents], spec.mangle)
+            for i, text in zip(contents, pair, strict=True):
+                deltas[i] = {"content": text}
     return _Reply(model, body, spec, deltas, finish)
+
+
+def _mangled(pieces: list[str], how: str) -> list[str]:
+    (tail, head), _ = MANGLES[how]
+    return [pieces[0] + tail, head + pieces[1], *pieces[2:]]
 
 
 def _chunk(model: str, delta: dict, finish: str | None = None) -> dict:
@@ -152,11 +202,11 @@ def _chunk(model: str, delta: dict, finish: str | None = None) -> dict:
 def _usage(body: dict, completion: int) -> dict:
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
     p = sum(len(_text(m.get("content")).split()) for m in messages)
-    return {
-        "prompt_tokens": p,
-        "completion_tokens": completion,
-        "total_tokens": p + completion,
-    }
+    usage = {"prompt_tokens": p, "completion_tokens": completion, "total_tokens": p + completion}
+    bad = parse_model(str(body.get("model", ""))).usage
+    if bad:
+        usage = dict.fromkeys(usage, BAD_USAGE[bad])
+    return usage
 
 
 def _error(message: str, type_: str, code: str | None = None) -> dict:

@@ -7,10 +7,19 @@ import itertools
 import pytest
 
 from conversations import llm
-from conversations.llm import Delta, LLMError, ServedBy, ThinkSplitter, Usage
-from tests.fake_llm import MODELS, FakeLLM, expected_text, reasoning_for, tokens_for
+from conversations.llm import Delta, LLMError, ServedBy, SurrogateMender, ThinkSplitter, Usage
+from tests.fake_llm import (
+    BAD_USAGE,
+    MODELS,
+    FakeLLM,
+    expected_text,
+    mended_text,
+    reasoning_for,
+    tokens_for,
+)
 from tests.helpers import free_port
 
+USAGE_AS_READ = {"string": 7, "bool": 1}
 MESSAGES = [{"role": "user", "content": "say something nice"}]  # 3 prompt tokens
 
 
@@ -182,6 +191,85 @@ async def test_stream_chat_reads_reasoning_delta_fields(fake_llm):
     assert isinstance(items[-1], Usage)
 
 
+@pytest.mark.parametrize("mangle", ["split", "high", "low", "nul"])
+async def test_stream_chat_mends_surrogates_and_removes_nul_in_content_and_reasoning(
+    fake_llm, mangle
+):
+    model = f"fake-reasoning-field:mangle={mangle}"
+
+    items = await collect(model)
+
+    assert (text_of(items), text_of(items, "reasoning")) == mended_text(model)
+    for field in ("content", "reasoning"):
+        text_of(items, field).encode("utf-8")  # no lone surrogate left to fail here
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_USAGE))
+async def test_stream_chat_gives_bad_usage_counts_as_none(fake_llm, bad):
+    items = await collect(f"fake:usage={bad}")
+
+    # The openai library reads "7" and true as the numbers 7 and 1 before
+    # we see them; what it leaves as it came is checked here.
+    read = USAGE_AS_READ.get(bad)
+    assert items[-1] == Usage(read, read)
+
+
+@pytest.mark.parametrize(
+    ("value", "count"),
+    [
+        (0, 0),
+        (7, 7),
+        (2**31 - 1, 2**31 - 1),
+        (2**31, None),
+        (-1, None),
+        (3.0, None),
+        ("7", None),
+        (True, None),
+        (None, None),
+    ],
+)
+def test_token_count_keeps_only_whole_numbers_the_database_can_hold(value, count):
+    assert llm.token_count(value) == count
+
+
+@pytest.mark.parametrize(
+    ("text", "clean"),
+    [
+        ("plain", "plain"),
+        ("a\x00b", "ab"),
+        ("\ud83d\ude00", "\U0001f600"),
+        ("x\ud800y", "x\ufffdy"),
+        ("x\udc00", "x\ufffd"),
+        ("\ude00\ud83d", "\ufffd\ufffd"),
+        ("é\x00\ud800", "é\ufffd"),
+    ],
+)
+def test_clean_joins_pairs_marks_lone_surrogates_and_removes_nul(text, clean):
+    assert llm.clean(text) == clean
+
+
+def test_a_pair_split_across_pieces_is_joined():
+    mender = SurrogateMender()
+
+    assert mender.feed("a\ud83d") == "a"
+    assert mender.feed("\ude00b") == "\U0001f600b"
+    assert mender.flush() == ""
+
+
+def test_a_high_surrogate_that_ends_the_stream_is_marked():
+    mender = SurrogateMender()
+
+    assert mender.feed("a\ud83d") == "a"
+    assert mender.flush() == "\ufffd"
+
+
+def test_a_high_surrogate_followed_by_other_text_is_marked():
+    mender = SurrogateMender()
+
+    assert mender.feed("\ud83d") == ""
+    assert mender.feed("b") == "\ufffdb"
+
+
 async def test_refused_connection_is_upstream_unavailable():
     items, error = await collect_until_error("fake")
 
@@ -290,9 +378,10 @@ def test_think_tags_cut_across_chunks_are_split(at):
     [
         (TAGGED, "answer", "abc"),
         ("<think>abc</think>\n\nanswer", "answer", "abc"),
-        ("pre <think>x</think> post", "pre  post", "x"),
         ("<think></think>answer", "answer", ""),
-        ("a<b <think>t<i</think>c</d", "a<b c</d", "t<i"),
+        (" \n<think>t<i</think>c</d", "c</d", "t<i"),
+        ("pre <think>x</think> post", "pre <think>x</think> post", ""),
+        ("<think>a</think>b<think>c</think>d", "b<think>c</think>d", "a"),
     ],
 )
 def test_think_tags_cut_at_every_pair_of_positions_are_split(text, content, reasoning):
@@ -308,10 +397,10 @@ def test_think_block_fed_one_character_at_a_time_is_split():
 def test_nothing_that_could_be_a_tag_is_let_out_early():
     splitter = ThinkSplitter()
 
-    assert splitter.feed("Hi <thi") == Delta(content="Hi ")
+    assert splitter.feed("\n<thi") == Delta()
     assert splitter.feed("nk>why") == Delta(reasoning="why")
     assert splitter.feed(" so</th") == Delta(reasoning=" so")
-    assert splitter.feed("ink> ok") == Delta(content=" ok")
+    assert splitter.feed("ink> ok") == Delta(content="ok")
     assert splitter.flush() == Delta()
 
 
@@ -319,8 +408,17 @@ def test_blank_line_after_the_think_block_is_not_part_of_the_answer():
     assert split("<think>plan</think>\n\n", "Answer.") == ("Answer.", "plan")
 
 
-def test_text_before_a_think_block_is_content():
-    assert split("Sure. <think>hmm</think> Here it is.") == ("Sure.  Here it is.", "hmm")
+def test_a_think_block_after_the_start_of_the_answer_is_text():
+    text = "Sure. <think>hmm</think> Here it is."
+    assert split(text) == (text, "")
+
+
+EXPLAINED = "The <think> tag opens a model's reasoning; </think> closes it."
+
+
+@pytest.mark.parametrize("at", range(1, len(EXPLAINED)))
+def test_an_answer_explaining_the_tags_keeps_them_as_text(at):
+    assert split(EXPLAINED[:at], EXPLAINED[at:]) == (EXPLAINED, "")
 
 
 NOT_A_TAG = "a < b and <b> <thin> <thinking>"
@@ -334,15 +432,74 @@ def test_a_less_than_sign_that_is_not_a_tag_is_content(at):
 def test_held_text_that_never_became_a_tag_is_flushed_as_content():
     splitter = ThinkSplitter()
 
-    assert splitter.feed("x <thin") == Delta(content="x ")
-    assert splitter.flush() == Delta(content="<thin")
+    assert splitter.feed("  <thin") == Delta()
+    assert splitter.flush() == Delta(content="  <thin")
 
 
-def test_held_text_inside_an_unclosed_think_block_is_flushed_as_reasoning():
+def test_an_unclosed_think_block_is_streamed_as_reasoning_then_given_as_the_answer():
     splitter = ThinkSplitter()
 
     assert splitter.feed("<think>still going</thi") == Delta(reasoning="still going")
-    assert splitter.flush() == Delta(reasoning="</thi")
+    assert splitter.flush() == Delta(content="still going</thi", reasoning="</thi")
+
+
+UNCLOSED = "<think>The answer is 42."
+
+
+@pytest.mark.parametrize("at", range(1, len(UNCLOSED)))
+def test_an_unclosed_think_block_cut_anywhere_still_gives_the_answer(at):
+    content, reasoning = split(UNCLOSED[:at], UNCLOSED[at:])
+    assert (content, reasoning) == ("The answer is 42.", "The answer is 42.")
+
+
+# A template that opens the block itself: the model's output starts mid-thought.
+IMPLICIT = "let me see</think>\n\nIt is 42."
+
+
+@pytest.mark.parametrize("at", range(1, len(IMPLICIT)))
+def test_a_block_opened_by_the_template_is_reasoning_up_to_its_end_tag(at):
+    splitter = ThinkSplitter(undecided=100)
+    pieces = [splitter.feed(IMPLICIT[:at]), splitter.feed(IMPLICIT[at:]), splitter.flush()]
+    assert "".join(p.reasoning for p in pieces) == "let me see"
+    assert "".join(p.content for p in pieces) == "It is 42."
+
+
+def test_a_block_opened_by_the_template_is_held_back_until_its_end_tag():
+    splitter = ThinkSplitter(undecided=100)
+
+    assert splitter.feed("hmm, ") == Delta()
+    assert splitter.feed("yes</th") == Delta()
+    assert splitter.feed("ink>Yes.") == Delta(content="Yes.", reasoning="hmm, yes")
+    assert splitter.feed(" </think> stays") == Delta(content=" </think> stays")
+
+
+def test_an_answer_without_an_end_tag_is_content_past_the_undecided_limit():
+    splitter = ThinkSplitter(undecided=10)
+
+    assert splitter.feed("Hello, ") == Delta()
+    assert splitter.feed("world") == Delta(content="Hello, world")
+    assert splitter.feed("</think> is text now") == Delta(content="</think> is text now")
+
+
+def test_an_opening_tag_before_the_end_tag_makes_the_held_answer_content():
+    splitter = ThinkSplitter(undecided=100)
+
+    assert splitter.feed("Use <think> and ") == Delta(content="Use <think> and ")
+    assert splitter.feed("</think>.") == Delta(content="</think>.")
+
+
+def test_a_short_answer_without_tags_is_content_at_the_end_of_the_stream():
+    assert split_undecided("Hi", " there.") == ("Hi there.", "")
+
+
+def test_without_an_undecided_limit_an_end_tag_alone_is_text():
+    assert split(IMPLICIT) == (IMPLICIT, "")
+
+
+def split_undecided(*chunks, limit=100):
+    splitter = ThinkSplitter(undecided=limit)
+    pieces = [splitter.feed(c) for c in chunks] + [splitter.flush()]
+    return "".join(p.content for p in pieces), "".join(p.reasoning for p in pieces)
 
 
 def test_text_without_think_tags_passes_through():
@@ -354,8 +511,8 @@ def test_text_without_think_tags_passes_through():
     assert splitter.flush() == Delta()
 
 
-def test_a_second_think_block_is_also_reasoning():
-    assert split("<think>a</think>b<think>c</think>d") == ("bd", "ac")
+def test_a_second_think_block_is_text():
+    assert split("<think>a</think>b<think>c</think>d") == ("b<think>c</think>d", "a")
 
 
 def test_leading_whitespace_of_an_answer_without_thinking_is_kept():
