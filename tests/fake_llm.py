@@ -45,6 +45,9 @@ class Spec:
     # "1": a runaway server that streams w1 w2 w3 … until the client hangs
     # up (ENDLESS_LIMIT at most), ignoring max_tokens; n is ignored.
     endless: str | None = None
+    # Each content token followed by that many "あ" (3 bytes each in UTF-8):
+    # replies of megabytes in a few chunks (issue 10, item 3).
+    pad: int = 0
 
 
 ENDLESS_LIMIT = 10_000_000
@@ -62,7 +65,7 @@ def parse_model(model: str) -> Spec:
         key, sep, value = item.partition("=")
         if not sep or key not in Spec.__dataclass_fields__ or key == "base":
             raise ValueError(f"bad model parameter {item!r}")
-        if key in ("n", "after"):
+        if key in ("n", "after", "pad"):
             setattr(spec, key, int(value))
         elif key in ("delay", "ttft", "stall"):
             setattr(spec, key, float(value))
@@ -95,7 +98,7 @@ def tokens_for(
         else:
             tokens = _words(last.split())
     else:
-        tokens = _words([f"w{i}" for i in range(1, spec.n + 1)])
+        tokens = _words([f"w{i}" + "あ" * spec.pad for i in range(1, spec.n + 1)])
     return tokens[:max_tokens] if max_tokens is not None else tokens
 
 
