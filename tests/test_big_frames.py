@@ -6,6 +6,7 @@ out in pieces, each under the limit: a snapshot as `message` with
 
 import asyncio
 import json
+import uuid
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -153,3 +154,102 @@ async def test_a_streamed_delta_over_the_limit_goes_as_deltas_with_consecutive_s
     stored = await Message.objects.aget(pk=end["message"])
     assert stored.content == expected and stored.seq == len(deltas)
     await finish_replies()
+
+
+# Through real daphne, whose limit this is.
+
+# 3 MB of UTF-8, built the same way in the site's shell (a command line
+# could not carry the text itself).
+LINE, LINES = 'word あいう 😀 "q"\n', 120_000
+THREE_MB = LINE * LINES
+
+STORE_REPLY = f"""
+from django.contrib.auth import get_user_model
+from conversations.models import Conversation, Message
+owner = get_user_model().objects.get(username="dora")
+conversation = Conversation.objects.create(owner=owner, title="big")
+Message.objects.create(conversation=conversation, role="user", content="Say a lot")
+text = {LINE!r} * {LINES}
+Message.objects.create(conversation=conversation, role="assistant", content=text, seq=2)
+print(conversation.pk)
+"""
+
+
+@pytest.fixture(scope="module")
+def live_site(tmp_path_factory, fake_llm_server):
+    from tests.helpers import PASSWORD
+    from tests.live import running_site
+
+    with running_site(
+        tmp_path_factory.mktemp("big-frames-site"),
+        fake_llm_server.base_url,
+        CHAT_MAX_REPLY_CHARS="2000000",
+    ) as site:
+        site.manage(
+            "shell",
+            "-c",
+            "from django.contrib.auth import get_user_model; "
+            f"get_user_model().objects.create_user('dora', password={PASSWORD!r})",
+        )
+        site.token = site.manage("create_token", "dora").strip()
+        yield site
+
+
+async def live_frames_until(ws, done, timeout: float = 60.0) -> list[tuple[int, dict]]:
+    frames = []
+    async with asyncio.timeout(timeout):
+        while True:
+            text = await ws.recv()
+            frames.append((len(text.encode("utf-8")), json.loads(text)))
+            if done(frames[-1][1]):
+                return frames
+
+
+def live_socket(site):
+    import websockets
+
+    headers = {"Authorization": f"Bearer {site.token}"}
+    return websockets.connect(site.ws_url(), additional_headers=headers, max_size=None)
+
+
+@pytest.mark.slow
+async def test_a_3_mb_stored_reply_can_be_opened_through_daphne(live_site):
+    conversation = live_site.manage("shell", "-c", STORE_REPLY).strip().splitlines()[-1]
+    (reply_id,) = [m for (m,) in live_site.messages("id", conversation=conversation)][1:]
+    reply_id = str(uuid.UUID(str(reply_id)))
+    async with live_socket(live_site) as ws:
+        assert json.loads(await ws.recv())["type"] == "ready"
+        for attempt in ("first", "again"):  # opened twice: nothing left broken
+            frame = {"type": "subscribe", "id": attempt, "conversation": conversation}
+            await ws.send(json.dumps(frame))
+            received = await live_frames_until(ws, last_piece(reply_id))
+            sizes, frames = zip(*received, strict=True)
+            assert max(sizes) <= protocol.FRAME_LIMIT
+            # At the limit: the pieces fill the frames up to the spare room.
+            assert max(sizes) > protocol.FRAME_LIMIT - 2 * protocol.FRAME_SPARE
+            assert assembled(list(frames), reply_id)["content"] == THREE_MB
+            await ws.send(json.dumps({"type": "unsubscribe", "conversation": conversation}))
+        await ws.send(json.dumps({"type": "ping", "id": "p"}))
+        assert json.loads(await ws.recv()) == {"type": "pong", "id": "p"}
+
+
+@pytest.mark.slow
+async def test_a_fast_3_mb_stream_arrives_whole_through_daphne(live_site):
+    model = "fake:n=10,pad=100000,delay=0"
+    expected = "".join(f"w{i}" + "あ" * 100_000 + " " for i in range(1, 11)).rstrip()
+    async with live_socket(live_site) as ws:
+        assert json.loads(await ws.recv())["type"] == "ready"
+        frame = {"type": "send", "id": "r1", "conversation": None, "content": "hi", "model": model}
+        await ws.send(json.dumps(frame))
+        received = await live_frames_until(ws, lambda frame: frame["type"] == "end")
+        await ws.send(json.dumps({"type": "ping", "id": "p"}))
+        assert json.loads(await ws.recv()) == {"type": "pong", "id": "p"}
+    sizes, frames = zip(*received, strict=True)
+    assert max(sizes) <= protocol.FRAME_LIMIT
+    assert len(expected.encode()) > 3_000_000
+    assert streamed_text(list(frames)) == expected
+    end = frames[-1]
+    assert end["status"] == "complete"
+    assert live_site.messages("content", "status", message=end["message"]) == [
+        (expected, "complete")
+    ]
