@@ -6,6 +6,7 @@ out in pieces, each under the limit: a snapshot as `message` with
 
 import asyncio
 import json
+import sys
 import uuid
 
 import pytest
@@ -253,3 +254,56 @@ async def test_a_fast_3_mb_stream_arrives_whole_through_daphne(live_site):
     assert live_site.messages("content", "status", message=end["message"]) == [
         (expected, "complete")
     ]
+
+
+# The terminal client.
+
+
+def load_client():
+    import importlib.util
+
+    from tests.live import ROOT
+
+    spec = importlib.util.spec_from_file_location("chat_client", ROOT / "clients" / "chat.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Its dataclasses look their module up by name.
+    sys.modules["chat_client"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_client_puts_a_snapshot_in_pieces_back_together():
+    message = {"id": "R", "role": "assistant", "content": FIVE_MB, "reasoning": REASONING}
+    message |= {"status": "complete", "seq": 3}
+    frames = [{**f, "id": "s1"} for f in protocol.message_frames("C", message)]
+    assert len(frames) > 5
+    pieces = load_client().Continuations()
+    taken = [pieces.take(frame) for frame in frames]
+    assert taken[:-1] == [None] * (len(frames) - 1)
+    assert taken[-1] == {"type": "message", "conversation": "C", "message": message, "id": "s1"}
+    # Frames around the pieces pass as they are; a `more` whose message
+    # frame was never seen (an earlier connection's) is dropped.
+    delta = {"type": "delta", "conversation": "C", "message": "R", "seq": 4, "content": "x"}
+    assert pieces.take(delta) == delta
+    assert pieces.take(frames[-1]) is None
+
+
+@pytest.mark.slow
+def test_the_client_prints_a_fast_3_mb_reply_whole(live_site):
+    import subprocess
+
+    from tests.live import ROOT
+
+    expected = "".join(f"w{i}" + "あ" * 100_000 + " " for i in range(1, 11)).rstrip()
+    env = {"PATH": "/usr/bin:/bin", "CHATSITE_URL": live_site.ws_url()}
+    env["CHATSITE_TOKEN"] = live_site.token
+    result = subprocess.run(
+        [sys.executable, "clients/chat.py", "--model", "fake:n=10,pad=100000,delay=0", "hi"],
+        capture_output=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert result.stdout.decode() == expected + "\n"
