@@ -178,21 +178,14 @@ print(conversation.pk)
 
 @pytest.fixture(scope="module")
 def live_site(tmp_path_factory, fake_llm_server):
-    from tests.helpers import PASSWORD
-    from tests.live import running_site
+    from tests.live import running_site, user_with_token
 
     with running_site(
         tmp_path_factory.mktemp("big-frames-site"),
         fake_llm_server.base_url,
         CHAT_MAX_REPLY_CHARS="2000000",
     ) as site:
-        site.manage(
-            "shell",
-            "-c",
-            "from django.contrib.auth import get_user_model; "
-            f"get_user_model().objects.create_user('dora', password={PASSWORD!r})",
-        )
-        site.token = site.manage("create_token", "dora").strip()
+        site.token = user_with_token(site, "dora")
         yield site
 
 
