@@ -159,6 +159,41 @@ class Output:
             raise Fatal("output closed") from None
 
 
+class Continuations:
+    """A `message` frame with `continues: true` and the `more` frames after
+    it, put back together (docs/protocol.md, "Big messages"): the server cuts
+    a message over its 1 MiB frame limit into pieces. One per connection:
+    the pieces of a message cut off by a drop never end."""
+
+    def __init__(self) -> None:
+        # message id -> (its message frame, content pieces, reasoning pieces)
+        self.open: dict[str, tuple[dict[str, Any], list[str], list[str]]] = {}
+
+    def take(self, frame: dict[str, Any]) -> dict[str, Any] | None:
+        """The frame to handle now: frame itself, a whole message, or None
+        while pieces are due."""
+        message = frame.get("message")
+        if frame.get("type") == "message" and frame.get("continues") is True:
+            if isinstance(message, dict) and isinstance(message.get("id"), str):
+                content, reasoning = message.get("content") or "", message.get("reasoning") or ""
+                self.open[message["id"]] = (frame, [content], [reasoning])
+            return None
+        if frame.get("type") != "more":
+            return frame
+        if not isinstance(message, str) or message not in self.open:
+            return None  # its message frame came on an earlier connection
+        first, content, reasoning = self.open[message]
+        content.append(str(frame.get("content") or ""))
+        reasoning.append(str(frame.get("reasoning") or ""))
+        if frame.get("continues") is not False:
+            return None
+        del self.open[message]
+        text = {"content": "".join(content), "reasoning": "".join(reasoning)}
+        whole = {**first, "message": {**first["message"], **text}}
+        del whole["continues"]
+        return whole
+
+
 class Session:
     """One logical chat session over a socket that may be replaced: every
     method runs on the event loop thread."""
@@ -248,6 +283,7 @@ class Session:
             if ready.get("type") != "ready" or ready.get("protocol") != 1:
                 raise Fatal(f"unexpected first frame from the server: {ready!r:.200}")
             await self._on_ready(ws, ready)
+            pieces = Continuations()
             try:
                 async for raw in ws:
                     self.last_heard = asyncio.get_running_loop().time()
@@ -255,8 +291,9 @@ class Session:
                         frame = json.loads(raw)
                     except ValueError:
                         continue
-                    if isinstance(frame, dict):
-                        await self._handle(frame)
+                    whole = pieces.take(frame) if isinstance(frame, dict) else None
+                    if whole is not None:
+                        await self._handle(whole)
             except ConnectionClosed:
                 pass
         if ws.close_code == CLOSE_TOKEN_REVOKED:

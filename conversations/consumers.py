@@ -3,7 +3,6 @@ frame (protocol.py), check permission, hand off to the models and to
 replies.py. What the socket holds of each live reply is in tracking.py."""
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -156,10 +155,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.closing = True
         await self.close(code=code)
 
-    async def send_frame(self, frame: Any, request_id: str | None) -> None:
-        if request_id is not None:
-            frame = {**frame, "id": request_id}
-        await self.send_json(frame)
+    async def send_frame(self, frame: Any, request_id: str | None = None) -> None:
+        """Send a frame, in pieces each under the WebSocket size limit: one
+        too big closes the socket, and a snapshot too big would do so on
+        every subscribe of its conversation."""
+        for piece in protocol.fitted(frame):
+            if request_id is not None:
+                piece = {**piece, "id": request_id}
+            await self.send_json(piece)
 
     # Client frames.
 
@@ -289,7 +292,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 if message is None:
                     self.held.release(message_id)
                     continue
-                await self.send_json(await self.current_frame(message))
+                await self.send_frame(await self.current_frame(message))
 
     async def renew(self) -> None:
         """Group memberships expire after a day in the channel layer, and a
@@ -372,11 +375,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 # whole reply as a snapshot rather than show a gap.
                 logger.warning("gap in reply %s at seq %d", frame["message"], frame["seq"])
                 message = await Message.objects.aget(pk=frame["message"])
-                await self.send_json(await self.current_frame(message))
+                await self.send_frame(await self.current_frame(message))
                 return
         elif frame["type"] == "end":
             self.held.release(frame["message"])
-        await self.send_json(frame)
+        await self.send_frame(frame)
 
     async def chat_deleted(self, event: dict) -> None:
         if await self.leave(event["conversation"]):
@@ -391,4 +394,4 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     @classmethod
     async def encode_json(cls, content: dict) -> str:
-        return json.dumps(content, ensure_ascii=False)
+        return protocol.encode(content)

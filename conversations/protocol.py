@@ -3,11 +3,12 @@
 per server frame. Nothing here touches the database or the channel layer,
 so every rule can be tested as a plain function call."""
 
+import itertools
 import json
 import unicodedata
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, TypeVar
 
 from django.conf import settings
 from django.db import models
@@ -284,6 +285,7 @@ class MessageFrame(TypedDict):
     type: str
     conversation: str
     message: dict[str, Any]
+    continues: NotRequired[bool]  # `more` frames follow with the rest of its text
 
 
 class StartFrame(TypedDict):
@@ -362,11 +364,7 @@ def delta_frame(
         "message": str(message_id),
         "seq": seq,
     }
-    if content:
-        frame["content"] = content
-    if reasoning:
-        frame["reasoning"] = reasoning
-    return frame
+    return _with_text(frame, content, reasoning)
 
 
 def end_frame(message: "Message") -> EndFrame:
@@ -423,3 +421,158 @@ def resubscribed_frame(conversation: "Conversation") -> dict[str, Any]:
     """The answer to a subscribe on a socket already subscribed: only the
     live replies' snapshots follow it, not the whole conversation again."""
     return {**conversation_frame(conversation), "replay": "live"}
+
+
+# Frames over the WebSocket size limit. daphne refuses to send a message
+# over its websocket_max_message_size (1 MiB by default, counted in bytes
+# of the UTF-8 text) and closes the socket with 1011; a stored reply that
+# big made its conversation unreadable. So a long text goes out in pieces:
+# deltas split into more deltas, a message snapshot into a `message` with
+# `continues: true` followed by `more` frames.
+FRAME_LIMIT = 1024 * 1024
+# Room kept free in every piece for what the consumer adds after the frame
+# is built: a request's id is at most 64 characters, at most 6 bytes each
+# once JSON-escaped.
+FRAME_SPARE = 1024
+
+
+class MoreFrame(TypedDict):
+    type: str
+    conversation: str
+    message: str
+    continues: bool
+    content: NotRequired[str]
+    reasoning: NotRequired[str]
+
+
+_Text = TypeVar("_Text", DeltaFrame, MoreFrame)
+
+
+def encode(frame: Any) -> str:
+    """A server frame's text, as the consumer sends it."""
+    return json.dumps(frame, ensure_ascii=False)
+
+
+def frame_size(frame: Any) -> int:
+    """The frame's size as daphne counts it: bytes of its UTF-8 text. A lone
+    surrogate counts its 3 bytes rather than raising here."""
+    return len(encode(frame).encode("utf-8", "surrogatepass"))
+
+
+def _text_size(text: str) -> int:
+    return frame_size(text) - 2  # less its quotes
+
+
+def _fit(text: str, start: int, room: int) -> int:
+    """The end of the longest piece of text from start that fits in room
+    bytes once JSON-escaped, or nearly: a guess shrunk in proportion to its
+    size until it fits, so a piece costs a few encodings, not one per
+    character. Pieces are cut between code points, and never between the
+    halves of a surrogate pair a string may hold."""
+    end = min(len(text), start + room)  # no character is under one byte
+    while end - start > 1 and (size := _text_size(text[start:end])) > room:
+        end = start + max(1, (end - start) * room // size)
+    pair = start + 1 < end < len(text) and "\ud800" <= text[end - 1] <= "\udbff"
+    if pair and "\udc00" <= text[end] <= "\udfff":
+        end -= 1
+    return end
+
+
+def _pieces(content: str, reasoning: str, rooms: Any) -> list[tuple[str, str]]:
+    """content and reasoning cut into (content, reasoning) pieces, each
+    fitting the next room that rooms yields, in bytes of escaped text."""
+    pieces: list[tuple[str, str]] = []
+    at_content = at_reasoning = 0
+    while not pieces or at_content < len(content) or at_reasoning < len(reasoning):
+        room = next(rooms)
+        end = _fit(content, at_content, room)
+        piece_content = content[at_content:end]
+        at_content = end
+        piece_reasoning = ""
+        left = room - _text_size(piece_content)
+        if at_content == len(content) and at_reasoning < len(reasoning) and left > 6:
+            end = _fit(reasoning, at_reasoning, left)
+            piece_reasoning = reasoning[at_reasoning:end]
+            at_reasoning = end
+        pieces.append((piece_content, piece_reasoning))
+    return pieces
+
+
+def _room(frame: Any) -> int:
+    """Bytes left for text in a frame whose text fields are empty."""
+    return FRAME_LIMIT - FRAME_SPARE - frame_size(frame)
+
+
+def delta_frames(
+    conversation_id: Any, message_id: Any, first_seq: int, content: str, reasoning: str
+) -> list[DeltaFrame]:
+    """The deltas that carry content and reasoning: one, or several with
+    consecutive seq from first_seq when one would be over FRAME_LIMIT."""
+    whole = delta_frame(conversation_id, message_id, first_seq, content, reasoning)
+    if frame_size(whole) <= FRAME_LIMIT - FRAME_SPARE:
+        return [whole]
+    empty = delta_frame(conversation_id, message_id, first_seq, "", "")
+    room = _room({**empty, "content": "", "reasoning": ""})
+    pieces = _pieces(content, reasoning, itertools.repeat(room))
+    return [
+        delta_frame(conversation_id, message_id, first_seq + index, *piece)
+        for index, piece in enumerate(pieces)
+    ]
+
+
+def more_frame(
+    conversation_id: Any, message_id: Any, content: str, reasoning: str, continues: bool
+) -> MoreFrame:
+    """Text to append to the message of the `message` frame before it."""
+    frame: MoreFrame = {
+        "type": "more",
+        "conversation": str(conversation_id),
+        "message": str(message_id),
+        "continues": continues,
+    }
+    return _with_text(frame, content, reasoning)
+
+
+def _with_text(frame: _Text, content: str, reasoning: str) -> _Text:
+    """A delta or more frame with the text it carries: an empty field is left out."""
+    if content:
+        frame["content"] = content
+    if reasoning:
+        frame["reasoning"] = reasoning
+    return frame
+
+
+def message_frames(conversation_id: Any, message: dict[str, Any]) -> list[MessageFrame | MoreFrame]:
+    """The message frame of a snapshot, as frames each under FRAME_LIMIT: the
+    frame itself, or one with the start of its text and `continues: true`,
+    then `more` frames with the rest, the last with `continues: false`."""
+    whole = message_frame(conversation_id, message)
+    if frame_size(whole) <= FRAME_LIMIT - FRAME_SPARE:
+        return [whole]
+    content, reasoning = message.get("content") or "", message.get("reasoning") or ""
+    head = message_frame(conversation_id, {**message, "content": "", "reasoning": ""})
+    # continues: false, the longer spelling, for the room of every piece.
+    tail = more_frame(conversation_id, message["id"], "", "", False)
+    tail_room = _room({**tail, "content": "", "reasoning": ""})
+    rooms = itertools.chain([_room({**head, "continues": True})], itertools.repeat(tail_room))
+    (first_content, first_reasoning), *rest = _pieces(content, reasoning, rooms)
+    first: MessageFrame = message_frame(
+        conversation_id, {**message, "content": first_content, "reasoning": first_reasoning}
+    )
+    first["continues"] = True
+    frames: list[MessageFrame | MoreFrame] = [first]
+    for index, (piece_content, piece_reasoning) in enumerate(rest):
+        last = index == len(rest) - 1
+        frames.append(
+            more_frame(conversation_id, message["id"], piece_content, piece_reasoning, not last)
+        )
+    return frames
+
+
+def fitted(frame: Any) -> list[Any]:
+    """A frame about to be sent, as frames under FRAME_LIMIT: a message
+    snapshot in pieces; deltas are split where they are numbered
+    (replies.py), and every other frame is small."""
+    if isinstance(frame, dict) and frame.get("type") == "message" and "message" in frame:
+        return list(message_frames(frame["conversation"], frame["message"]))
+    return [frame]

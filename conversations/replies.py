@@ -358,18 +358,20 @@ class ReplyWriter:
             return
         # Text, seq and snapshot change together, with no await between, so
         # a snapshot always matches exactly the deltas numbered up to it.
-        self.seq += 1
-        frame = protocol.delta_frame(
+        # Text too big for one frame goes as several deltas, numbered on.
+        frames = protocol.delta_frames(
             self.conversation_id,
             self.message_id,
-            self.seq,
+            self.seq + 1,
             self.pending_content,
             self.pending_reasoning,
         )
+        self.seq += len(frames)
         self.content += self.pending_content
         self.reasoning += self.pending_reasoning
         self.pending_content = self.pending_reasoning = ""
-        await self._broadcast(frame)
+        for frame in frames:
+            await self._broadcast(frame)
 
     def interrupt(self) -> None:
         self._cancel(Message.Status.INTERRUPTED)

@@ -51,6 +51,9 @@ class Spec:
     mangle: str | None = None
     # "neg" | "huge" | "float" | "string" | "bool": what usage counts say.
     usage: str | None = None
+    # Each content token followed by that many "あ" (3 bytes each in UTF-8):
+    # replies of megabytes in a few chunks (issue 10, item 3).
+    pad: int = 0
 
 
 ENDLESS_LIMIT = 10_000_000
@@ -79,7 +82,7 @@ def parse_model(model: str) -> Spec:
         key, sep, value = item.partition("=")
         if not sep or key not in Spec.__dataclass_fields__ or key == "base":
             raise ValueError(f"bad model parameter {item!r}")
-        if key in ("n", "after"):
+        if key in ("n", "after", "pad"):
             setattr(spec, key, int(value))
         elif key in ("delay", "ttft", "stall"):
             setattr(spec, key, float(value))
@@ -112,7 +115,7 @@ def tokens_for(
         else:
             tokens = _words(last.split())
     else:
-        tokens = _words([f"w{i}" for i in range(1, spec.n + 1)])
+        tokens = _words([f"w{i}" + "あ" * spec.pad for i in range(1, spec.n + 1)])
     return tokens[:max_tokens] if max_tokens is not None else tokens
 
 

@@ -340,3 +340,14 @@ def flood(ws: RawSocket, conversation_id: str, count: int, frames: list[dict]) -
         except OSError:
             return sent
     return count
+
+
+def user_with_token(site: Site, username: str) -> str:
+    """Create a user in the site's database; a new API token of theirs."""
+    site.manage(
+        "shell",
+        "-c",
+        "from django.contrib.auth import get_user_model; "
+        f"get_user_model().objects.create_user({username!r}, password={PASSWORD!r})",
+    )
+    return site.manage("create_token", username).strip()

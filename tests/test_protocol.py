@@ -5,6 +5,7 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
+from asgiref.sync import async_to_sync
 
 from conversations import protocol
 from conversations.consumers import ChatConsumer
@@ -355,3 +356,135 @@ def test_ready_frame_says_the_protocol_version():
         "default_model": "fake",
         "llm": "ok",
     }
+
+
+# Frames over the WebSocket size limit (issue 10, item 3)
+
+ROOM = protocol.FRAME_LIMIT - protocol.FRAME_SPARE
+MESSAGE = "5d3b1f0e-4c9a-4f4e-8d2b-6f1c0a9e7b21"
+
+# Texts whose size in a frame is not their length: what a splitter that
+# counted characters, or bytes before JSON escaping, would get wrong.
+BIG_TEXTS = [
+    pytest.param("x" * 5_000_000, id="ascii-5MB"),
+    pytest.param("あ" * 400_000, id="cjk-400k-characters-1.2MB"),
+    pytest.param("😀" * 300_000, id="emoji-300k-characters-1.2MB"),
+    pytest.param("\x01" * 200_000, id="controls-escaped-to-6-bytes-each"),
+    pytest.param('"\\' * 300_000, id="quotes-and-backslashes"),
+    pytest.param("ab\nあ😀\t" * 150_000, id="mixed"),
+]
+
+
+def sizes(frames) -> list[int]:
+    return [protocol.frame_size(frame) for frame in frames]
+
+
+def joined(frames, field: str) -> str:
+    return "".join(
+        (frame["message"] if frame["type"] == "message" else frame).get(field, "")
+        for frame in frames
+    )
+
+
+def test_frame_size_counts_the_bytes_the_consumer_sends():
+    frame = protocol.delta_frame(CONVERSATION, MESSAGE, 1, 'あ😀"\x01\n', "")
+    text = async_to_sync(ChatConsumer.encode_json)(frame)
+    assert protocol.frame_size(frame) == len(text.encode("utf-8"))
+
+
+def test_a_delta_under_the_limit_is_one_frame():
+    frames = protocol.delta_frames(CONVERSATION, MESSAGE, 7, "hello", "hmm")
+    assert frames == [protocol.delta_frame(CONVERSATION, MESSAGE, 7, "hello", "hmm")]
+
+
+@pytest.mark.parametrize("text", BIG_TEXTS)
+def test_a_delta_over_the_limit_is_split_into_deltas_numbered_on(text):
+    frames = protocol.delta_frames(CONVERSATION, MESSAGE, 4, text, "")
+    assert len(frames) > 1
+    assert [frame["seq"] for frame in frames] == list(range(4, 4 + len(frames)))
+    assert max(sizes(frames)) <= ROOM
+    assert joined(frames, "content") == text
+
+
+def test_content_and_reasoning_over_the_limit_are_both_split_and_kept_apart():
+    content, reasoning = "a" * 1_500_000, "思" * 500_000
+    frames = protocol.delta_frames(CONVERSATION, MESSAGE, 1, content, reasoning)
+    assert max(sizes(frames)) <= ROOM
+    assert joined(frames, "content") == content
+    assert joined(frames, "reasoning") == reasoning
+    assert all(frame.get("content") or frame.get("reasoning") for frame in frames)
+
+
+def test_a_delta_that_fills_the_room_exactly_stays_one_frame():
+    # The text's room: what a frame can hold, less the frame around it.
+    around = protocol.frame_size(protocol.delta_frame(CONVERSATION, MESSAGE, 1, "-", "")) - 1
+    exact = "x" * (ROOM - around)
+    (frame,) = protocol.delta_frames(CONVERSATION, MESSAGE, 1, exact, "")
+    assert protocol.frame_size(frame) == ROOM
+    assert len(protocol.delta_frames(CONVERSATION, MESSAGE, 1, exact + "x", "")) == 2
+
+
+def test_the_splitter_never_cuts_a_surrogate_pair():
+    # A string may hold a pair as two code points (decoded with
+    # surrogatepass, say): a cut between them would leave two lone halves.
+    pair = "\ud83d\ude00"
+    for lead in range(4):  # every alignment of the pairs against the cut
+        text = "x" * lead + pair * 400_000
+        frames = protocol.delta_frames(CONVERSATION, MESSAGE, 1, text, "")
+        pieces = [frame["content"] for frame in frames]
+        assert "".join(pieces) == text
+        assert all(not ("\ud800" <= piece[-1] <= "\udbff") for piece in pieces)
+        assert all(not ("\udc00" <= piece[0] <= "\udfff") for piece in pieces)
+
+
+def test_emoji_pieces_are_each_valid_utf8():
+    frames = protocol.delta_frames(CONVERSATION, MESSAGE, 1, "😀" * 600_000, "")
+    for frame in frames:
+        frame["content"].encode("utf-8")  # raises on a broken character
+    assert joined(frames, "content") == "😀" * 600_000
+
+
+def snapshot(content: str, reasoning: str = "") -> dict:
+    return {
+        "id": MESSAGE,
+        "role": "assistant",
+        "content": content,
+        "reasoning": reasoning,
+        "status": "complete",
+        "seq": 12,
+        "model": "fake",
+        "usage": {"prompt_tokens": 3, "completion_tokens": 9},
+    }
+
+
+def test_a_message_under_the_limit_is_one_frame_without_continues():
+    message = snapshot("hello", "hmm")
+    assert protocol.message_frames(CONVERSATION, message) == [
+        protocol.message_frame(CONVERSATION, message)
+    ]
+    assert "continues" not in protocol.message_frames(CONVERSATION, message)[0]
+
+
+@pytest.mark.parametrize("text", BIG_TEXTS)
+def test_a_message_over_the_limit_continues_in_more_frames(text):
+    message = snapshot(text, "思" * 300_000)
+    first, *rest = frames = protocol.message_frames(CONVERSATION, message)
+    assert first["type"] == "message" and first["continues"] is True
+    # Everything but the text is in the message frame, as it always was.
+    assert {k: v for k, v in first["message"].items() if k not in ("content", "reasoning")} == {
+        k: v for k, v in message.items() if k not in ("content", "reasoning")
+    }
+    assert rest and all(frame["type"] == "more" for frame in rest)
+    assert all(frame["conversation"] == CONVERSATION for frame in rest)
+    assert all(frame["message"] == MESSAGE for frame in rest)
+    assert [frame["continues"] for frame in rest] == [True] * (len(rest) - 1) + [False]
+    assert max(sizes(frames)) <= ROOM
+    assert joined(frames, "content") == message["content"]
+    assert joined(frames, "reasoning") == message["reasoning"]
+
+
+def test_fitted_splits_message_snapshots_only():
+    big = protocol.message_frame(CONVERSATION, snapshot("x" * 2_500_000))
+    assert len(protocol.fitted(big)) == 3
+    end = {"type": "end", "conversation": CONVERSATION, "message": MESSAGE, "seq": 3}
+    assert protocol.fitted(end) == [end]

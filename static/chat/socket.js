@@ -19,7 +19,8 @@ function socketUrl(path) {
  *  - "open": a connection is up (detail.reconnected tells whether one was up before)
  *  - "close": it went down (detail.delayMs until the next try, detail.failures in a row;
  *    detail.final when it will not retry by itself, see FINAL_CLOSE_CODES)
- *  - "frame": one parsed JSON object from the server (detail)
+ *  - "frame": one parsed JSON object from the server (detail); a message too
+ *    big for one frame comes whole, put together from its pieces (see Continuations)
  */
 export class ChatSocket extends EventTarget {
   constructor(path, { pingEveryMs = 25_000, pongWithinMs = 10_000 } = {}) {
@@ -76,6 +77,8 @@ export class ChatSocket extends EventTarget {
     }
     this.ws = ws;
     let opened = false;
+    // Per connection: the pieces of a message cut off by a drop never end.
+    const pieces = new Continuations();
 
     ws.addEventListener("open", () => {
       opened = true;
@@ -96,7 +99,8 @@ export class ChatSocket extends EventTarget {
         return;
       }
       if (frame && typeof frame === "object" && !Array.isArray(frame)) {
-        this.dispatchEvent(new CustomEvent("frame", { detail: frame }));
+        const whole = pieces.take(frame);
+        if (whole) this.dispatchEvent(new CustomEvent("frame", { detail: whole }));
       }
     });
 
@@ -152,5 +156,38 @@ export class ChatSocket extends EventTarget {
         this.send({ type: "ping" });
       }
     }, Math.min(this.pingEveryMs, this.pongWithinMs) / 2);
+  }
+}
+
+/**
+ * A `message` frame with `continues: true` and the `more` frames after it
+ * (docs/protocol.md, "Big messages") put back together: the server cuts a
+ * message over its 1 MiB frame limit into pieces, and the page should see
+ * the one frame that would have been sent without the limit.
+ */
+export class Continuations {
+  constructor() {
+    this.open = new Map(); // message id -> {frame, content: [pieces], reasoning: [pieces]}
+  }
+
+  /** The frame to handle now: `frame` itself, a whole message, or null while pieces are due. */
+  take(frame) {
+    if (frame.type === "message" && frame.continues === true && typeof frame.message?.id === "string") {
+      const { content = "", reasoning = "" } = frame.message;
+      this.open.set(frame.message.id, { frame, content: [content], reasoning: [reasoning] });
+      return null;
+    }
+    if (frame.type !== "more") return frame;
+    const entry = this.open.get(frame.message);
+    if (!entry) return null; // its message frame came before a reload or reconnect
+    if (typeof frame.content === "string") entry.content.push(frame.content);
+    if (typeof frame.reasoning === "string") entry.reasoning.push(frame.reasoning);
+    if (frame.continues !== false) return null;
+    this.open.delete(frame.message);
+    // Joined once at the end: appending megabytes piece by piece would copy them each time.
+    const text = { content: entry.content.join(""), reasoning: entry.reasoning.join("") };
+    const whole = { ...entry.frame, message: { ...entry.frame.message, ...text } };
+    delete whole.continues;
+    return whole;
   }
 }
