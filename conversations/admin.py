@@ -1,68 +1,206 @@
-from typing import TYPE_CHECKING, TypedDict
+"""Staff review in the Django admin: conversations and their messages are
+read, flagged and (by superusers only) deleted, never edited. Every opening
+of a user's conversation is written to the access log (review.models)."""
 
-from django.contrib import admin
-from django.db.models import Count, OuterRef, Subquery
+import json
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.db.models import Count, Exists, IntegerField, OuterRef, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html
 
-from .models import ApiToken, Conversation, Message
+from review.models import AccessLog, Flag
+
+from . import exports
+from .models import ApiToken, Conversation, Feedback, Message
 
 if TYPE_CHECKING:  # django-stubs-ext is a dev requirement only
     from django_stubs_ext import WithAnnotations
 
 
-class MessageTotal(TypedDict):
+class ConversationFigures(TypedDict):
     """What ConversationAdmin.get_queryset annotates each row with."""
 
     message_total: int
+    token_total: int
+    open_flags: int
+    last_status: str | None
+    has_feedback: bool
 
 
-# Plain names, as they are the read-only fields too (`fields` alone may hold
-# groups of names). A tuple, as the admin's attributes accept either and only
-# a tuple of str is also a tuple of "str or group" (a list is invariant).
-MESSAGE_FIELDS = ("created", "role", "status", "model", "content", "superseded")
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Nothing said can be changed, by anyone, superusers included: no add,
+    no change (a posted change form is refused with 403). Only a superuser
+    deletes (a user's right to erasure), and that is logged."""
 
-
-class MessageInline(admin.TabularInline):
-    model = Message
-    extra = 0
-    can_delete = False
-    show_change_link = True
-    ordering = ["created", "pk"]
-    fields = readonly_fields = MESSAGE_FIELDS
-
-    def has_add_permission(self, request, obj=None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.is_superuser
+
+
+class FlagReasonForm(forms.Form):
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}), max_length=2000)
+
+
+class FlagActionMixin:
+    """A bulk "flag" action, asking for the reason on a page of its own
+    (as Django's delete action asks to confirm)."""
+
+    def has_flag_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("review.add_flag")
+
+    def flags_for(self, queryset, reason: str, user) -> list[Flag]:
+        raise NotImplementedError
+
+    @admin.action(description="Flag selected for review", permissions=["flag"])
+    def flag_selected(self, request: HttpRequest, queryset) -> HttpResponse | None:
+        model_admin: admin.ModelAdmin = self  # type: ignore[assignment]
+        form = FlagReasonForm(request.POST if "apply" in request.POST else None)
+        if form.is_valid():
+            flags = Flag.objects.bulk_create(
+                self.flags_for(queryset, form.cleaned_data["reason"], request.user)
+            )
+            model_admin.message_user(request, f"{len(flags)} flagged for review.", messages.SUCCESS)
+            return None
+        opts = model_admin.model._meta
+        return TemplateResponse(
+            request,
+            "admin/review/flag_selected.html",
+            {
+                **model_admin.admin_site.each_context(request),
+                "title": f"Flag {opts.verbose_name_plural} for review",
+                "opts": opts,
+                "form": form,
+                "queryset": queryset,
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            },
+        )
+
+
+class LastReplyStatusFilter(admin.SimpleListFilter):
+    title = "status of the last reply"
+    parameter_name = "last_status"
+
+    def lookups(self, request, model_admin):
+        return Message.Status.choices
+
+    def queryset(self, request, queryset):
+        return queryset.filter(last_status=self.value()) if self.value() else queryset
+
+
+class FlaggedFilter(admin.SimpleListFilter):
+    title = "flagged"
+    parameter_name = "flagged"
+
+    def lookups(self, request, model_admin):
+        return [("open", "open flags"), ("ever", "ever flagged"), ("never", "never flagged")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "open":
+            return queryset.filter(open_flags__gt=0)
+        ever = Exists(Flag.objects.filter(conversation=OuterRef("pk")))
+        if self.value() == "ever":
+            return queryset.filter(ever)
+        if self.value() == "never":
+            return queryset.exclude(ever)
+        return queryset
+
+
+class HasFeedbackFilter(admin.SimpleListFilter):
+    title = "has feedback"
+    parameter_name = "feedback"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "yes"), ("no", "no")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return queryset.filter(has_feedback=self.value() == "yes")
+        return queryset
+
+
+def _per_conversation(queryset, aggregate) -> Subquery:
+    """One figure per conversation as a subquery, not a join: a search on
+    messages__content joins the messages again, and a join-based count
+    would multiply."""
+    return Subquery(
+        queryset.filter(conversation=OuterRef("pk"))
+        .order_by()
+        .values("conversation")
+        .annotate(figure=aggregate)
+        .values("figure")
+    )
 
 
 @admin.register(Conversation)
-class ConversationAdmin(admin.ModelAdmin):
-    list_display = ["__str__", "owner_link", "model", "message_count", "updated"]
-    list_filter = ["model", "updated"]
+class ConversationAdmin(FlagActionMixin, ReadOnlyAdmin):
+    list_display = [
+        "__str__",
+        "owner_link",
+        "model",
+        "message_count",
+        "tokens",
+        "flags",
+        "created",
+        "updated",
+    ]
+    list_filter = [
+        "model",
+        ("owner", admin.RelatedOnlyFieldListFilter),
+        LastReplyStatusFilter,
+        FlaggedFilter,
+        HasFeedbackFilter,
+    ]
     search_fields = ["title", "owner__username", "messages__content"]
     list_select_related = ["owner"]
     date_hierarchy = "updated"
-    readonly_fields = ["id", "owner", "created", "updated"]
-    fields = ["id", "owner", "title", "model", "system_prompt", "options", "created", "updated"]
-    inlines = [MessageInline]
+    # Tuples of plain names, as they are the read-only fields too (`fields`
+    # alone may hold groups of names, and a list is invariant).
+    fields = readonly_fields = (
+        "id",
+        "owner",
+        "title",
+        "model",
+        "system_prompt",
+        "options",
+        "created",
+        "updated",
+    )
+    actions = ["flag_selected", "download_jsonl"]
+    change_form_template = "admin/conversations/conversation/transcript.html"
     # The site's conversation page is owner-only: the link would be a 404 for staff.
     view_on_site = False
 
     def get_queryset(self, request):
-        # A subquery, not Count("messages"): a search on messages__content
-        # joins the messages again, and a join-based count would multiply.
-        per_conversation = (
-            Message.objects.filter(conversation=OuterRef("pk"))
-            .order_by()
-            .values("conversation")
-            .annotate(total=Count("pk"))
-            .values("total")
-        )
+        tokens = Coalesce("prompt_tokens", 0) + Coalesce("completion_tokens", 0)
+        last_reply = Message.objects.filter(
+            conversation=OuterRef("pk"), role=Message.Role.ASSISTANT, superseded=False
+        ).order_by("-created", "-pk")
         return (
             super()
             .get_queryset(request)
-            .annotate(message_total=Coalesce(Subquery(per_conversation), 0))
+            .annotate(
+                message_total=Coalesce(_per_conversation(Message.objects, Count("pk")), 0),
+                token_total=Coalesce(
+                    _per_conversation(Message.objects, Sum(tokens)),
+                    Value(0),
+                    output_field=IntegerField(),
+                ),
+                open_flags=Coalesce(_per_conversation(Flag.objects.open(), Count("pk")), 0),
+                last_status=Subquery(last_reply.values("status")[:1]),
+                has_feedback=Exists(Feedback.objects.filter(message__conversation=OuterRef("pk"))),
+            )
         )
 
     @admin.display(description="owner", ordering="owner__username")
@@ -71,20 +209,100 @@ class ConversationAdmin(admin.ModelAdmin):
         return format_html('<a href="{}">{}</a>', url, obj.owner.get_username())
 
     @admin.display(description="messages", ordering="message_total")
-    def message_count(self, obj: "WithAnnotations[Conversation, MessageTotal]") -> int:
+    def message_count(self, obj: "WithAnnotations[Conversation, ConversationFigures]") -> int:
         return obj.message_total
+
+    @admin.display(description="total tokens", ordering="token_total")
+    def tokens(self, obj: "WithAnnotations[Conversation, ConversationFigures]") -> int:
+        return obj.token_total
+
+    @admin.display(description="open flags", ordering="open_flags")
+    def flags(self, obj: "WithAnnotations[Conversation, ConversationFigures]") -> str:
+        if not obj.open_flags:
+            return "-"
+        url = reverse("admin:review_flag_changelist")
+        return format_html(
+            '<a href="{}?conversation__id__exact={}&amp;status__exact=open">{}</a>',
+            url,
+            obj.pk,
+            obj.open_flags,
+        )
+
+    def flags_for(self, queryset, reason: str, user) -> list[Flag]:
+        return [Flag(conversation=c, reason=reason, flagged_by=user) for c in queryset]
+
+    @admin.action(description="Download as JSON Lines (docs/export.md)")
+    def download_jsonl(self, request, queryset) -> HttpResponse:
+        # An export is a reading of each conversation: the owners are told.
+        AccessLog.objects.record(request.user, list(queryset), AccessLog.Action.EXPORT)
+        return exports.export_jsonl(self, request, queryset)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        response = super().change_view(request, object_id, form_url, extra_context)
+        if request.method == "GET" and response.status_code == 200:
+            conversation = response.context_data["original"]  # type: ignore[attr-defined]
+            AccessLog.objects.record(request.user, conversation, AccessLog.Action.VIEW)
+        return response
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None:
+            context["transcript"] = transcript(obj)
+            context["flag_list"] = obj.flags.select_related("flagged_by", "resolved_by")
+            context["can_flag"] = self.has_flag_permission(request)
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def delete_model(self, request, obj: Conversation) -> None:
+        AccessLog.objects.record(request.user, obj, AccessLog.Action.DELETE)
+        obj.stop_and_delete()
+
+    def delete_queryset(self, request, queryset) -> None:
+        conversations = list(queryset)
+        AccessLog.objects.record(request.user, conversations, AccessLog.Action.DELETE)
+        for conversation in conversations:
+            conversation.stop_and_delete()
+
+
+def transcript(conversation: Conversation) -> list[dict[str, Any]]:
+    """The conversation's messages in order, regenerated replies included,
+    each with what the transcript page shows (escaped by its template)."""
+    rows = []
+    open_flags = set(
+        Flag.objects.open()
+        .filter(conversation=conversation, message__isnull=False)
+        .values_list("message_id", flat=True)
+    )
+    messages_ = conversation.messages.order_by("created", "pk").select_related("feedback")
+    for message in messages_:
+        try:
+            feedback: Feedback | None = message.feedback
+        except Feedback.DoesNotExist:
+            feedback = None
+        rows.append(
+            {
+                "message": message,
+                "timing": message.timing(),
+                "options": json.dumps(message.options, indent=2, sort_keys=True)
+                if message.options
+                else "",
+                "feedback": feedback,
+                "flagged": message.pk in open_flags,
+            }
+        )
+    return rows
 
 
 @admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
+class MessageAdmin(FlagActionMixin, ReadOnlyAdmin):
     list_display = ["__str__", "conversation_link", "role", "status", "model", "created"]
     list_filter = ["role", "status", "model", "superseded"]
     search_fields = ["content", "conversation__title", "conversation__owner__username"]
     list_select_related = ["conversation"]
-    readonly_fields = [
+    fields = readonly_fields = (
         "id",
         "conversation_link",
         "role",
+        "content",
+        "reasoning",
         "status",
         "model",
         "options",
@@ -100,8 +318,8 @@ class MessageAdmin(admin.ModelAdmin):
         "error",
         "error_details",
         "finish_reason",
-    ]
-    fields = [*readonly_fields[:2], "content", "reasoning", *readonly_fields[2:]]
+    )
+    actions = ["flag_selected"]
 
     @admin.display(description="error detail (staff only)")
     def error_details(self, obj: Message) -> str:
@@ -116,7 +334,56 @@ class MessageAdmin(admin.ModelAdmin):
     @admin.display(description="conversation")
     def conversation_link(self, obj: Message) -> str:
         url = reverse("admin:conversations_conversation_change", args=[obj.conversation_id])
-        return format_html('<a href="{}">{}</a>', url, obj.conversation)
+        return format_html('<a href="{}#message-{}">{}</a>', url, obj.pk, obj.conversation)
+
+    def flags_for(self, queryset, reason: str, user) -> list[Flag]:
+        return [
+            Flag(conversation_id=m.conversation_id, message=m, reason=reason, flagged_by=user)
+            for m in queryset
+        ]
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        response = super().change_view(request, object_id, form_url, extra_context)
+        if request.method == "GET" and response.status_code == 200:
+            message = response.context_data["original"]  # type: ignore[attr-defined]
+            AccessLog.objects.record(
+                request.user,
+                message.conversation,
+                AccessLog.Action.VIEW_MESSAGE,
+                detail=f"{message.role} message {message.pk}",
+            )
+        return response
+
+    def delete_model(self, request, obj: Message) -> None:
+        self.delete_queryset(request, Message.objects.filter(pk=obj.pk))
+
+    def delete_queryset(self, request, queryset) -> None:
+        for message in queryset.select_related("conversation"):
+            AccessLog.objects.record(
+                request.user,
+                message.conversation,
+                AccessLog.Action.DELETE_MESSAGE,
+                detail=f"{message.role} message {message.pk}",
+            )
+            message.delete()
+
+
+@admin.register(Feedback)
+class FeedbackAdmin(ReadOnlyAdmin):
+    list_display = ["rating", "comment", "message_link", "created"]
+    list_filter = ["rating"]
+    list_select_related = ["message__conversation"]
+    fields = readonly_fields = ("message_link", "rating", "comment", "created", "updated")
+
+    @admin.display(description="reply")
+    def message_link(self, obj: Feedback) -> str:
+        # To the reply in its transcript, where reading it is logged: the
+        # link itself shows none of its text.
+        conversation = obj.message.conversation
+        url = reverse("admin:conversations_conversation_change", args=[conversation.pk])
+        return format_html(
+            '<a href="{}#message-{}">a reply in “{}”</a>', url, obj.message_id, conversation
+        )
 
 
 @admin.register(ApiToken)
