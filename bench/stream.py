@@ -23,14 +23,7 @@ import websockets
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.fake_llm import FakeLLM, expected_text
-from tests.live import Browser, Site, running_site
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from tests.live import Browser, Site, rss_mb, running_site
 
 
 async def one_chat(site: Site, index: int, headers: dict, model: str) -> dict:

@@ -40,6 +40,15 @@ def is_open(protocol: Any) -> bool:
     return getattr(protocol, "state", None) == getattr(protocol, "STATE_OPEN", object())
 
 
+def is_closing(protocol: Any) -> bool:
+    """Closing or closed: past the point where autobahn will send."""
+    state = getattr(protocol, "state", None)
+    return state is not None and state in (
+        getattr(protocol, "STATE_CLOSING", object()),
+        getattr(protocol, "STATE_CLOSED", object()),
+    )
+
+
 async def room_to_send(protocol: Any, limit: int, seconds: float) -> bool:
     """Wait until the socket holds at most limit unsent bytes; False if it
     still holds more after that many seconds, or stopped being open."""
@@ -58,6 +67,12 @@ def bounded(handle_reply: Reply) -> Reply:
     """Daphne's Server.handle_reply, sending only while the socket has room."""
 
     async def handle_bounded_reply(server: Any, protocol: Any, message: dict) -> None:
+        if message.get("type") == "websocket.send" and is_closing(protocol):
+            # Autobahn raises on a send once the close handshake has begun;
+            # raised into the consumer, that killed it before disconnect()
+            # and left its groups in the channel layer for a day. The frame
+            # could not arrive anyway.
+            return
         if message.get("type") == "websocket.send" and is_open(protocol):
             limit, timeout = settings.CHAT_SEND_BUFFER, settings.CHAT_SEND_TIMEOUT
             if not await room_to_send(protocol, limit, timeout):

@@ -63,6 +63,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "conversations",
+    "review",
     "axes",
 ]
 
@@ -131,7 +132,10 @@ if REDIS_URL:
             "CONFIG": {
                 # redis-py 8 times reads out after 5 s by default, which is
                 # exactly how long channels-redis blocks waiting for a message.
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+                # RESP2: on RESP3, redis-py 8's asyncio pool hands out a pooled
+                # connection the server closed without checking it, so after
+                # Redis restarts each one fails once (redis/redis-py#4128).
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "protocol": 2}],
                 # A fast reply to a slow reader must not overflow a channel:
                 # channels-redis drops messages past capacity without a word.
                 "capacity": env_int("CHANNEL_CAPACITY", 5000),
@@ -210,7 +214,12 @@ DEFAULT_MODEL = os.environ.get("DEFAULT_MODEL") or (
     "llama3.2" if OLLAMA_HOST else "" if os.environ.get("LLM_BASE_URL") else "smollm2"
 )
 LLM_CONNECT_TIMEOUT = env_float("LLM_CONNECT_TIMEOUT", 5.0)
+# Seconds to wait for the first token of an answer (a CPU server may spend a
+# minute loading its model or reading a long prompt), then for each later chunk.
+LLM_FIRST_TOKEN_TIMEOUT = env_float("LLM_FIRST_TOKEN_TIMEOUT", 120.0)
 LLM_READ_TIMEOUT = env_float("LLM_READ_TIMEOUT", 120.0)
+if min(LLM_FIRST_TOKEN_TIMEOUT, LLM_READ_TIMEOUT) <= 0:
+    raise ImproperlyConfigured("LLM_FIRST_TOKEN_TIMEOUT and LLM_READ_TIMEOUT must be positive.")
 LLM_MODELS_CACHE_SECONDS = env_float("LLM_MODELS_CACHE_SECONDS", 10.0)
 # For models whose template opens <think> itself: how many characters of an
 # answer without <think> to hold back for a </think> (0: none; see llm.py).
@@ -235,6 +244,9 @@ CHAT_MAX_REPLY_CHARS = env_int("CHAT_MAX_REPLY_CHARS", 200_000)
 # Seconds a reply may take in all, however steadily the server streams
 # (LLM_READ_TIMEOUT is per read).
 CHAT_REPLY_DEADLINE = env_float("CHAT_REPLY_DEADLINE", 600.0)
+# After a conversation's first reply, ask the model for a short title in the
+# background (conversations/titles.py); off, the first message names it.
+CHAT_SUGGEST_TITLES = env_bool("CHAT_SUGGEST_TITLES", True)
 # Frames a socket may send: CHAT_FRAME_RATE a second on average, in bursts of
 # up to CHAT_FRAME_BURST; past that they are refused, and a socket that goes
 # on for another CHAT_FRAME_BURST refused frames is closed (4004).
@@ -249,6 +261,17 @@ if min(CHAT_FRAME_RATE, CHAT_FRAME_BURST, CHAT_SEND_BUFFER, CHAT_SEND_TIMEOUT) <
         "CHAT_FRAME_RATE, CHAT_FRAME_BURST, CHAT_SEND_BUFFER and CHAT_SEND_TIMEOUT"
         " must be positive."
     )
+# Tell owners on their conversation's page that staff opened it, and when
+# (the access log keeps who; the owner is not told).
+CHAT_SHOW_REVIEWS = env_bool("CHAT_SHOW_REVIEWS", True)
+# The largest file the account page imports (issue 12, item 10): a whole
+# number of bytes, nothing else ("10MB" would be a typo found too late).
+_import_max = os.environ.get("CHAT_IMPORT_MAX_BYTES", "").strip() or str(10 * 1024 * 1024)
+if not (_import_max.isascii() and _import_max.isdigit()) or int(_import_max) <= 0:
+    raise ImproperlyConfigured(
+        f"CHAT_IMPORT_MAX_BYTES={_import_max!r}: use a positive whole number of bytes."
+    )
+CHAT_IMPORT_MAX_BYTES = int(_import_max)
 
 LOGGING = {
     "version": 1,

@@ -5,7 +5,8 @@
     CHATSITE_URL=ws://HOST/ws/chat/ CHATSITE_TOKEN=... .venv/bin/python clients/chat.py
 
 With a prompt it prints the answer as it streams and exits 0; 1 if the reply
-fails, 2 if the server refuses the token. Without one it reads lines:
+fails, 2 if the server refuses the token (or revokes it, or the account is
+deactivated, while it runs). Without one it reads lines:
 prompts, and the COMMANDS below (/help lists them). Needs only `websockets`:
 the project's .venv (`make install`) has it; elsewhere, `pip install
 websockets` and run it with that Python.
@@ -54,6 +55,8 @@ MAX_BACKOFF = 5.0  # seconds
 # no frame we subscribe again, which lets the server notice and say so.
 QUIET = 10.0  # seconds
 CLOSE_TOKEN_REVOKED = 4001
+# For a token socket, the account was deactivated: no reconnect can help.
+CLOSE_SIGNED_OUT = 4003
 COMMANDS = {
     "/model [NAME]": "list the server's models, or answer with NAME from now on",
     "/new": "start a new conversation, with no system prompt",
@@ -298,6 +301,8 @@ class Session:
                 pass
         if ws.close_code == CLOSE_TOKEN_REVOKED:
             raise Fatal("the token was revoked", 2)
+        if ws.close_code == CLOSE_SIGNED_OUT:
+            raise Fatal("signed out by the server: the account was deactivated", 2)
         if ws.close_code not in (None, 1000, 1001):
             raise ConnectionError(f"closed with code {ws.close_code}")
 

@@ -8,6 +8,7 @@ import math
 import time
 from typing import Any, cast
 
+from asgiref.sync import sync_to_async
 from channels.auth import UserLazyObject
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -24,6 +25,7 @@ from .tracking import HeldReplies, Verdict
 logger = logging.getLogger(__name__)
 
 RENEW_EVERY = 3600  # seconds
+LEAVE_TIMEOUT = 5  # seconds a dead socket spends leaving its groups
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -41,6 +43,23 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.closing = False  # closed by us; frames still queued are dropped
         self.sign_in: SignIn | None = None
         self.epoch: str | None = None
+        self.left = False  # the channel layer's groups, on the way out
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # A consumer whose channel layer fails (Redis gone) dies without
+            # disconnect(): its watchdog would otherwise run on for ever, and
+            # its groups would send to a dead channel for a day.
+            if self.watchdog is not None:
+                self.watchdog.cancel()
+            if not self.left and hasattr(self, "channel_name"):
+                try:
+                    async with asyncio.timeout(LEAVE_TIMEOUT):
+                        await self.leave_groups()
+                except TimeoutError:
+                    logger.warning("a dead socket's groups could not be left in time")
 
     async def connect(self) -> None:
         self.user = self.scope.get("user")
@@ -77,14 +96,22 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         if self.watchdog is not None:
             self.watchdog.cancel()
-        if self.token is not None:
-            await self.channel_layer.group_discard(self.token.group, self.channel_name)
+        await self.leave_groups()
+
+    async def leave_groups(self) -> None:
+        self.left = True
+        groups = [replies.conversation_group(c) for c in self.subscriptions]
         if self.sign_in is not None:
-            await self.channel_layer.group_discard(user_group(self.user_id), self.channel_name)
-        for conversation_id in self.subscriptions:
-            await self.channel_layer.group_discard(
-                replies.conversation_group(conversation_id), self.channel_name
-            )
+            groups.append(user_group(self.user_id))
+        if self.token is not None:
+            groups.append(self.token.group)
+        # Each on its own: one failed discard (Redis away for a moment) must
+        # not leave the rest of the socket's groups sending to a dead channel.
+        for group in groups:
+            try:
+                await self.channel_layer.group_discard(group, self.channel_name)
+            except Exception:
+                logger.exception("leaving %s failed", group)
 
     async def receive(
         self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
@@ -205,6 +232,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             _, reply, superseded = await database_sync_to_async(conversation.start_turn)(
                 None, model, conversation.options
             )
+        except Conversation.DoesNotExist:
+            raise FrameError(ErrorCode.NOT_FOUND, protocol.NOT_FOUND_TEXT) from None
         except Busy:
             raise FrameError(ErrorCode.BUSY, protocol.BUSY_TEXT) from None
         except NothingToAnswer:
@@ -233,8 +262,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send_frame(answer, request_id)
         # A lambda, as the stubs reject database_sync_to_async(list)(...).
         messages = await database_sync_to_async(lambda: list(visible))()
-        for message in messages:
-            await self.send_frame(await self.current_frame(message), request_id)
+        try:
+            for message in messages:
+                await self.send_frame(await self.current_frame(message), request_id)
+        except Message.DoesNotExist:
+            # The conversation was deleted while it was replayed (a `deleted`
+            # frame follows): answer as if it had been gone before.
+            raise FrameError(ErrorCode.NOT_FOUND, protocol.NOT_FOUND_TEXT) from None
         # Events that arrived meanwhile wait behind this frame, and will
         # take the conversation out of up_to_date again.
         self.up_to_date.add(conversation_id)
@@ -245,6 +279,21 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def on_ping(self, frame: dict, request_id: str | None) -> None:
         await self.send_frame(protocol.pong_frame(), request_id)
 
+    async def on_feedback(self, frame: dict, request_id: str | None) -> None:
+        request = protocol.feedback_request(frame)
+        try:
+            message = await Message.objects.for_user(self.user).aget(
+                pk=request.message, conversation_id=request.conversation, superseded=False
+            )
+        except Message.DoesNotExist:
+            raise FrameError(ErrorCode.NOT_FOUND, protocol.NO_SUCH_REPLY_TEXT) from None
+        feedback = await database_sync_to_async(message.rate)(request.rating, request.comment)
+        answer = protocol.feedback_frame(
+            request.conversation, request.message, feedback.as_frame() if feedback else None
+        )
+        await self.send_frame(answer, request_id)
+        await replies.broadcast(request.conversation, answer, skip=self.channel_name)
+
     handlers = {
         "send": on_send,
         "stop": on_stop,
@@ -252,6 +301,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         "subscribe": on_subscribe,
         "unsubscribe": on_unsubscribe,
         "ping": on_ping,
+        "feedback": on_feedback,
     }
 
     # Helpers.
@@ -283,16 +333,30 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         renewed = time.monotonic()
         while True:
             await asyncio.sleep(beat)
-            now = time.monotonic()
-            if now - renewed > RENEW_EVERY:
-                renewed = now
-                await self.renew()
-            for message_id in self.held.silent(Message.stale_after().total_seconds()):
-                message = await Message.objects.filter(pk=message_id).afirst()
-                if message is None:
-                    self.held.release(message_id)
-                    continue
+            try:
+                now = time.monotonic()
+                if now - renewed > RENEW_EVERY:
+                    renewed = now
+                    await self.renew()
+                for message_id in self.held.silent(Message.stale_after().total_seconds()):
+                    await self.look_again(message_id)
+            except Exception:
+                # The database or Redis away for a moment costs this beat,
+                # not the watchdog: without it the socket would never again
+                # notice a dead writer, and its groups would expire in a day.
+                # A reply not looked up is looked up after another silence.
+                logger.exception("a socket's watchdog failed; it goes on")
+                await sync_to_async(replies.drop_broken_connection)()
+
+    async def look_again(self, message_id: str) -> None:
+        message = await Message.objects.select_related("feedback").filter(pk=message_id).afirst()
+        try:
+            if message is not None:
                 await self.send_frame(await self.current_frame(message))
+                return
+        except Message.DoesNotExist:
+            pass  # deleted while we looked (its conversation's `deleted` follows)
+        self.held.release(message_id)
 
     async def renew(self) -> None:
         """Group memberships expire after a day in the channel layer, and a
@@ -374,12 +438,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 # A delta went missing (a full channel, say): resend the
                 # whole reply as a snapshot rather than show a gap.
                 logger.warning("gap in reply %s at seq %d", frame["message"], frame["seq"])
-                message = await Message.objects.aget(pk=frame["message"])
-                await self.send_frame(await self.current_frame(message))
+                # (Or let it go, if its conversation was deleted meanwhile.)
+                await self.look_again(frame["message"])
                 return
         elif frame["type"] == "end":
             self.held.release(frame["message"])
         await self.send_frame(frame)
+
+    async def chat_conversation(self, event: dict) -> None:
+        """One of the user's conversations changed (a rename, a suggested
+        title, its settings): every socket of the user hears of it, to
+        show it in its sidebar, whether subscribed to it or not."""
+        self.up_to_date.discard(event["conversation"])
+        await self.send_frame(event["frame"])
 
     async def chat_deleted(self, event: dict) -> None:
         if await self.leave(event["conversation"]):

@@ -135,3 +135,55 @@ class SignupForm(_UserCreationForm):
                     params={"existing": existing},
                 )
         return username
+
+
+# Issue 12: search, import and account deletion (conversations/account.py).
+
+SEARCH_LENGTH = 200
+
+
+class SearchForm(forms.Form):
+    q = forms.CharField(
+        max_length=SEARCH_LENGTH,
+        error_messages={
+            "required": "Type something to search for.",
+            "max_length": f"A search is at most {SEARCH_LENGTH} characters.",
+        },
+    )
+
+
+class ImportForm(forms.Form):
+    file = forms.FileField(
+        label="Export file (JSON)",
+        error_messages={"required": "Choose a file to import.", "empty": "The file is empty."},
+    )
+
+    def clean_file(self):
+        upload = self.cleaned_data["file"]
+        # Read here, not at import, so the limit follows the settings in force.
+        limit = settings.CHAT_IMPORT_MAX_BYTES
+        if upload.size > limit:
+            raise forms.ValidationError(
+                "The file is %(size)s bytes; the most this site imports is %(limit)s.",
+                code="too_large",
+                params={"size": upload.size, "limit": limit},
+            )
+        return upload
+
+
+class DeleteAccountForm(forms.Form):
+    password = forms.CharField(
+        label="Your password",
+        strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "current-password"}),
+    )
+
+    def __init__(self, user, *args, **kwargs) -> None:
+        self.user = user
+        super().__init__(*args, **kwargs)
+
+    def clean_password(self) -> str:
+        password = self.cleaned_data["password"]
+        if not self.user.check_password(password):
+            raise forms.ValidationError("That is not your password.", code="password_incorrect")
+        return password

@@ -2,27 +2,43 @@
 LM Studio, OpenAI: anything that speaks OpenAI chat completions)."""
 
 import asyncio
+import email.utils
 import json
 import logging
+import ssl
 import time
 import weakref
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import httpx2 as httpx  # the HTTP library openai 3 is built on
 import openai
 from django.conf import settings
+from openai.types.chat import ChatCompletionMessageParam
 
+from . import sse
 from .protocol import OPTION_RANGES, ErrorCode
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # What users see of a message from the model server, and what the log and
 # the admin keep of it: a server may answer an error with megabytes.
 USER_TEXT_LIMIT = 300
 DETAIL_LIMIT = 4096
 UNAVAILABLE_TEXT = "The model server is not reachable."
+UNTRUSTED_TEXT = "The model server's certificate is not trusted."
+WEB_PAGE_TEXT = "The model server answered with a web page, not a chat answer."
+TLS_FAILED_TEXT = "A secure connection to the model server could not be made."
+
+# A server that answers these is busy or still loading its model: it is
+# asked once more, after its Retry-After (at most RETRY_AFTER_CAP seconds)
+# or RETRY_DELAY. Retries happen only here: the client's own stay off.
+RETRIED_STATUSES = (429, 503)
+RETRY_DELAY = 1.0
+RETRY_AFTER_CAP = 5.0
 
 
 def cut(text: str, limit: int) -> str:
@@ -146,10 +162,27 @@ def _as_llm_error(exc: BaseException) -> LLMError:
         # The address says how our network is laid out: the log and the
         # admin get it, users a plain sentence.
         detail = f"cannot reach the model server at {settings.LLM_BASE_URL}: {exc!r}"
+        tls = _tls_cause(exc)
+        if tls is not None:
+            detail += f" (TLS: {tls!r})"
         logger.warning("%s", detail)
-        return LLMError(ErrorCode.UPSTREAM_UNAVAILABLE, UNAVAILABLE_TEXT, detail)
+        text = UNAVAILABLE_TEXT
+        if isinstance(tls, ssl.SSLCertVerificationError):
+            text = UNTRUSTED_TEXT
+        elif tls is not None:
+            text = TLS_FAILED_TEXT
+        return LLMError(ErrorCode.UPSTREAM_UNAVAILABLE, text, detail)
     if isinstance(exc, openai.NotFoundError):
         return _status_error(exc, ErrorCode.MODEL_NOT_FOUND, "The model was not found.")
+    if isinstance(exc, openai.APIStatusError) and exc.status_code in (401, 403):
+        # The server's words ("Incorrect API key provided: sk-ab***cd")
+        # may quote the key: users learn who can fix it, staff the rest.
+        text = f"The model server refused our API key (HTTP {exc.status_code})."
+        text += " An administrator must set LLM_API_KEY."
+        return _status_error(exc, ErrorCode.UPSTREAM_ERROR, text, own_words=False)
+    if isinstance(exc, openai.APIStatusError) and exc.status_code in RETRIED_STATUSES:
+        text = f"The model server is busy (HTTP {exc.status_code}); try again in a moment."
+        return _status_error(exc, ErrorCode.UPSTREAM_ERROR, text, own_words=False)
     if isinstance(exc, openai.APIStatusError):
         fallback = f"The model server answered HTTP {exc.status_code}."
         return _status_error(exc, ErrorCode.UPSTREAM_ERROR, fallback)
@@ -173,13 +206,52 @@ def _as_llm_error(exc: BaseException) -> LLMError:
     )
 
 
-def _status_error(exc: openai.APIStatusError, code: ErrorCode, fallback: str) -> LLMError:
-    """The server's own words reach the user, cut short; the whole answer
-    (cut to DETAIL_LIMIT) goes to the log and to staff."""
+def _status_error(
+    exc: openai.APIStatusError, code: ErrorCode, fallback: str, own_words: bool = True
+) -> LLMError:
+    """The server's own words reach the user, cut short, unless own_words
+    is False (then the fallback does); the whole answer (cut to
+    DETAIL_LIMIT) goes to the log and to staff."""
     message = clean(_status_message(exc, fallback))
     detail = f"HTTP {exc.status_code} from the model server: {message}"
+    if isinstance(exc.body, str) and exc.body:  # not JSON: a proxy's page, say
+        detail += f"; its answer: {clean(exc.body)}"
     logger.warning("%s", cut(detail, DETAIL_LIMIT))
-    return LLMError(code, cut(message, USER_TEXT_LIMIT), detail)
+    return LLMError(code, cut(message if own_words else fallback, USER_TEXT_LIMIT), detail)
+
+
+def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS failure behind a connection error, if one is: openai wraps
+    httpx's ConnectError, which wraps the ssl module's exception."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, ssl.SSLError):
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return None
+
+
+def retry_delay(retry_after: str | None, now: float | None = None) -> float:
+    """Seconds to wait before asking a busy server again: its Retry-After,
+    in seconds or as an HTTP date, at most RETRY_AFTER_CAP; RETRY_DELAY
+    if it says nothing we can read."""
+    if not retry_after:
+        return RETRY_DELAY
+    try:
+        seconds = float(retry_after)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(retry_after)
+        except (TypeError, ValueError):
+            return RETRY_DELAY
+        if when.tzinfo is None:
+            return RETRY_DELAY
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return RETRY_DELAY
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
 
 
 def _status_message(exc: openai.APIStatusError, fallback: str) -> str:
@@ -221,10 +293,20 @@ async def list_models() -> list[str]:
     return models
 
 
+# Per server and model name: when the server last said it has a model that
+# its list leaves out (a name with a tag, say), so that every message sent
+# with that name does not cost another round trip.
+_found_cache: dict[tuple[str, str], float] = {}
+
+
 async def model_exists(model: str) -> bool:
     """False only when the server is known to lack the model: it is not in
     the server's list, and asking for it by name (GET /v1/models/{model})
     finds nothing. A server that cannot be reached lacks nothing."""
+    key = (settings.LLM_BASE_URL, model)
+    found = _found_cache.get(key)
+    if found is not None and time.monotonic() - found < settings.LLM_MODELS_CACHE_SECONDS:
+        return True
     try:
         if model in await list_models():
             return True
@@ -233,11 +315,15 @@ async def model_exists(model: str) -> bool:
         return False
     except (LLMError, openai.OpenAIError):
         return True
+    if len(_found_cache) > 1000:  # names are the users' to choose
+        _found_cache.clear()
+    _found_cache[key] = time.monotonic()
     return True
 
 
 def forget_models() -> None:
     _models_cache.clear()
+    _found_cache.clear()
 
 
 async def default_model() -> str:
@@ -333,12 +419,53 @@ def _partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
-def _reasoning_of(delta: Any) -> str:
-    extra = getattr(delta, "model_extra", None) or {}
-    value = extra.get("reasoning_content") or extra.get("reasoning")
-    if value is None:
-        value = getattr(delta, "reasoning_content", None) or getattr(delta, "reasoning", None)
-    return value if isinstance(value, str) else ""
+def without_reasoning(text: str) -> str:
+    """A whole (not streamed) answer's text without its think block: what
+    follows the last `</think>`, which also covers a template that opened
+    the block itself; nothing if a block opened and never closed (the answer
+    was cut inside its reasoning)."""
+    close = text.rfind(ThinkSplitter.CLOSE)
+    if close >= 0:
+        return text[close + len(ThinkSplitter.CLOSE) :]
+    if text.lstrip().startswith(ThinkSplitter.OPEN):
+        return ""
+    return text
+
+
+# A title request (conversations/titles.py) is a few words: small enough a
+# cap that a model cannot hold a slot of the server for long, and a
+# deadline for the whole request, retries none.
+TITLE_MAX_TOKENS = 32
+TITLE_TIMEOUT = 30.0
+
+
+async def complete_title(messages: list[dict[str, str]], model: str) -> str:
+    """The model's answer to a title request, in one piece (not streamed),
+    its reasoning left out: a reasoning field is ignored, a think block cut
+    off. Raises LLMError, a timeout after TITLE_TIMEOUT seconds included."""
+    try:
+        async with asyncio.timeout(TITLE_TIMEOUT):
+            completion = await _client().chat.completions.create(
+                model=model,
+                # Our plain dicts of role and content are what these TypedDicts hold.
+                messages=cast("list[ChatCompletionMessageParam]", messages),
+                max_tokens=TITLE_MAX_TOKENS,
+                stream=False,
+                timeout=TITLE_TIMEOUT,
+            )
+        choices = completion.choices or []
+        content = choices[0].message.content if choices else None
+    except TimeoutError:
+        raise LLMError(
+            ErrorCode.TIMEOUT,
+            "The model took too long to suggest a title.",
+            f"TITLE_TIMEOUT ({TITLE_TIMEOUT:g} s) passed",
+        ) from None
+    except LLMError:
+        raise
+    except Exception as exc:
+        raise _as_llm_error(exc) from exc
+    return without_reasoning(clean(content)) if isinstance(content, str) else ""
 
 
 async def stream_chat(
@@ -354,38 +481,69 @@ async def stream_chat(
     menders = SurrogateMender(), SurrogateMender()  # content, reasoning
     chunks = 0
     usage: Usage | None = None
-    finished = started = named = cut_short = False
+    finished = started = named = cut_short = answering = False
+    loop = asyncio.get_running_loop()
+    # Until the model's first token one deadline covers the request, its
+    # retry and any chunks without text: loading a model or reading a long
+    # prompt may take a CPU server minutes. Then each chunk has
+    # LLM_READ_TIMEOUT to come.
+    first_wait, idle = settings.LLM_FIRST_TOKEN_TIMEOUT, settings.LLM_READ_TIMEOUT
+    deadline = loop.time() + first_wait
+    not_started = LLMError(
+        ErrorCode.TIMEOUT,
+        f"The model did not start answering within {_seconds(first_wait)}.",
+        f"LLM_FIRST_TOKEN_TIMEOUT ({first_wait:g} s) passed before the first token",
+    )
+    stalled = LLMError(
+        ErrorCode.TIMEOUT,
+        f"The model server stopped sending for {_seconds(idle)}.",
+        f"LLM_READ_TIMEOUT ({idle:g} s) passed without a chunk, mid-answer",
+    )
     try:
-        # openai types messages as TypedDicts per role, and ours are plain
-        # dicts of role and content; the options splat as dict[str, Any].
-        stream = await _client().chat.completions.create(  # type: ignore[call-overload]
-            model=model,
-            messages=messages,
-            stream=True,
-            stream_options={"include_usage": True},
-            **params,
-        )
-        started = True
-        async with stream:
-            async for chunk in stream:
-                if not named and chunk.model:
-                    named = True
-                    yield ServedBy(clean(chunk.model))
-                if chunk.usage is not None:
-                    usage = Usage(
-                        token_count(chunk.usage.prompt_tokens),
-                        token_count(chunk.usage.completion_tokens),
-                    )
-                for choice in chunk.choices[:1]:
-                    finished = finished or choice.finish_reason is not None
-                    cut_short = cut_short or choice.finish_reason == "length"
-                    delta = choice.delta
-                    if delta is None:
+        async with _answer(model, messages, params, deadline, not_started) as response:
+            started = True
+            kind = response.headers.get("content-type", "")
+            if kind.startswith("text/html"):
+                # A web page where the API should be: a login portal, or a
+                # base URL that names a web UI rather than its API.
+                raise LLMError(
+                    ErrorCode.UPSTREAM_ERROR,
+                    WEB_PAGE_TEXT,
+                    f"HTTP {response.status_code} with Content-Type {kind!r}",
+                )
+            events = sse.Events()
+            reads = aiter(response.aiter_bytes())
+            done = False
+            while not done:
+                # One deadline per read of the connection, not per chunk:
+                # a read often holds several.
+                wait = (loop.time() + idle, stalled) if answering else (deadline, not_started)
+                try:
+                    data = await _within(*wait, anext(reads))
+                    pieces = events.feed(data)
+                except StopAsyncIteration:
+                    pieces, done = events.finish(), True
+                for piece in pieces:
+                    if piece.startswith(b"[DONE]"):
+                        done = True
+                        break
+                    chunk = _chunk(sse.loads(piece))
+                    if not named and chunk.model:
+                        named = True
+                        yield ServedBy(clean(chunk.model))
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    if chunk.finish_reason is not None:
+                        finished = True
+                        cut_short = cut_short or chunk.finish_reason == "length"
+                    if not (chunk.content or chunk.reasoning):
                         continue
-                    field = menders[1].feed(_reasoning_of(delta))
+                    field = menders[1].feed(chunk.reasoning)
                     if field:
                         splitter.no_tags_needed()
-                    split = splitter.feed(menders[0].feed(delta.content or ""))
+                    # Text held back (a tag begun) counts: the model has begun.
+                    answering = True
+                    split = splitter.feed(menders[0].feed(chunk.content))
                     reasoning = field + split.reasoning
                     if split.content or reasoning:
                         chunks += 1
@@ -408,7 +566,9 @@ async def stream_chat(
         # A connection closed cleanly mid-answer reads like a normal end;
         # only the missing finish_reason tells them apart.
         raise LLMError(
-            ErrorCode.UPSTREAM_ERROR, "The model server ended the answer before finishing it."
+            ErrorCode.UPSTREAM_ERROR,
+            "The model server ended the answer before finishing it.",
+            f"the stream ended without a finish reason, after {chunks} chunks of text",
         )
     last = splitter.feed(menders[0].flush())
     rest = splitter.flush()
@@ -421,3 +581,123 @@ async def stream_chat(
     # Servers that ignore include_usage still get a count: one chunk is
     # one token for every server we know of.
     yield usage or Usage(None, chunks or None)
+
+
+def _seconds(n: float) -> str:
+    return f"{n:g} second" if n == 1 else f"{n:g} seconds"
+
+
+async def _within(when: float, error: LLMError, work: Awaitable[T]) -> T:
+    """Await work, or raise error once the loop's clock passes when."""
+    try:
+        async with asyncio.timeout_at(when) as window:
+            return await work
+    except TimeoutError:
+        if not window.expired():
+            raise  # not ours: some other TimeoutError passing through
+        raise error from None
+
+
+@asynccontextmanager
+async def _answer(
+    model: str,
+    messages: list[dict[str, str]],
+    params: dict[str, Any],
+    deadline: float,
+    late: LLMError,
+) -> AsyncIterator[httpx.Response]:
+    """The streamed answer's HTTP response, its body still to read, asked
+    for once more if the server is busy (RETRIED_STATUSES), unless the wait
+    would pass the deadline of the first token (then late is raised). Any
+    token comes after this, so a retry never repeats one. The request goes
+    through the openai client (its auth, headers and errors); the body is
+    ours to read (sse.py)."""
+    # Our deadlines bound every wait for the answer; httpx's read timeout
+    # would cut the wait for the first token at LLM_READ_TIMEOUT.
+    timeout = openai.Timeout(connect=settings.LLM_CONNECT_TIMEOUT, read=None, write=10.0, pool=10.0)
+    for attempt in (1, 2):
+        # openai types messages as TypedDicts per role, and ours are plain
+        # dicts of role and content; the options splat as dict[str, Any].
+        request = _client().chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
+            model=model,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            timeout=timeout,
+            **params,
+        )
+        try:
+            response = await _within(deadline, late, request.__aenter__())
+        except openai.APIStatusError as exc:
+            if attempt == 2 or exc.status_code not in RETRIED_STATUSES:
+                raise
+            delay = retry_delay(exc.response.headers.get("retry-after"))
+            if asyncio.get_running_loop().time() + delay >= deadline:
+                raise
+            logger.info(
+                "the model server answered HTTP %d; asking again in %.1f s", exc.status_code, delay
+            )
+            await asyncio.sleep(delay)
+            continue
+        try:
+            yield response.http_response
+        finally:
+            await request.__aexit__(None, None, None)
+        return
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    model: str
+    content: str
+    reasoning: str
+    finish_reason: str | None
+    usage: Usage | None
+
+
+def _chunk(data: Any) -> _Chunk:
+    """What we use of one streamed chat-completion chunk, each part checked:
+    a server may send anything. Raises ValueError for what is not a chunk,
+    LLMError for an error the server reports mid-stream."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a chunk that is not an object: {data!r:.200}")
+    if data.get("error"):
+        error = data["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        text = clean(str(message or "The model server reported an error mid-answer."))
+        logger.warning("the model server reported an error mid-answer: %s", cut(text, 1000))
+        raise LLMError(
+            ErrorCode.UPSTREAM_ERROR, cut(text, USER_TEXT_LIMIT), f"error event: {data!r}"
+        )
+    usage = data.get("usage")
+    counts = None
+    if isinstance(usage, dict):
+        counts = Usage(
+            token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
+        )
+    content = reasoning = ""
+    finish = None
+    choices = data.get("choices")
+    if choices:
+        if not isinstance(choices, list) or not isinstance(choices[0], dict):
+            raise ValueError(f"choices that are not a list of objects: {choices!r:.200}")
+        choice = choices[0]
+        finish = choice.get("finish_reason")
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            content = delta.get("content") or ""
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+            if not isinstance(content, str):
+                raise ValueError(f"content that is not text: {content!r:.200}")
+            if not isinstance(reasoning, str):
+                reasoning = ""
+        elif delta is not None:
+            raise ValueError(f"a delta that is not an object: {delta!r:.200}")
+    model_name = data.get("model")
+    return _Chunk(
+        model_name if isinstance(model_name, str) else "",
+        content,
+        reasoning,
+        finish if isinstance(finish, str) else None,
+        counts,
+    )

@@ -10,18 +10,49 @@ from typing import Any, cast
 from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import connection, models, transaction
+from django.db import connection, connections, models, transaction
 from django.db.models.signals import post_delete
 from django.dispatch import receiver
 from django.urls import reverse
 from django.utils import timezone
 
 from .layers import channel_layer
-from .protocol import INTERRUPTED_TEXT, MAX_MODEL, ErrorCode, SendRequest, too_many_replies
+from .protocol import (
+    INTERRUPTED_TEXT,
+    MAX_COMMENT,
+    MAX_MODEL,
+    NOT_FINISHED_TEXT,
+    ONLY_REPLIES_TEXT,
+    ErrorCode,
+    SendRequest,
+    bad_request,
+    too_many_replies,
+)
 
 TITLE_LENGTH = 80
 CODE_FENCE = re.compile(r"```[\w+-]*")
 MARKDOWN_MARKERS = re.compile(r"(?m)^[ \t]*(?:#{1,6}|>|[-*+]|\d+[.)])[ \t]+")
+
+# Search (issue 12, item 9). On Postgres, full-text search in this text
+# search configuration: the GIN indexes of migration 0006 are built with the
+# same one, and a query naming another could not use them.
+SEARCH_CONFIG = "english"
+# Where a Postgres headline's matches start and stop: characters of Unicode's
+# private use area, which chat text has no business holding, so search.py
+# can split a headline into plain and matching runs.
+MATCH_START, MATCH_STOP = "\ue000", "\ue001"
+
+
+def search_terms(text: str) -> list[str]:
+    """The words a search looks for where the database has no full-text
+    search (SQLite): each must appear, in any case. Quotes and a leading
+    minus, web-search syntax for Postgres, are dropped."""
+    words = (word.strip('"').lstrip("-") for word in text.split())
+    return [word for word in words if word]
+
+
+def full_text(queryset: models.QuerySet) -> bool:
+    return connections[queryset.db].vendor == "postgresql"
 
 
 class ConversationQuerySet(models.QuerySet):
@@ -29,6 +60,26 @@ class ConversationQuerySet(models.QuerySet):
         if not user.is_authenticated:
             return self.none()
         return self.filter(owner=user)
+
+    def search(self, text: str) -> "ConversationQuerySet":
+        """These conversations (call it on for_user()) whose title matches
+        text, best first: full-text search on Postgres, every word found in
+        any case elsewhere."""
+        if full_text(self):
+            from django.contrib.postgres.search import SearchQuery, SearchRank, SearchVector
+
+            vector = SearchVector("title", config=SEARCH_CONFIG)
+            query = SearchQuery(text, config=SEARCH_CONFIG, search_type="websearch")
+            return (
+                self.annotate(found=vector)
+                .filter(found=query)
+                .annotate(rank=SearchRank(vector, query))
+                .order_by("-rank", "-updated")
+            )
+        matching = self
+        for term in search_terms(text) or [text]:
+            matching = matching.filter(title__icontains=term)
+        return matching.order_by("-updated")
 
     def for_send(
         self,
@@ -131,6 +182,8 @@ class Conversation(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
     )
     title = models.CharField(max_length=200, blank=True)
+    # Renamed by its owner: a title the model suggests never replaces it.
+    title_by_user = models.BooleanField(default=False)
     model = models.CharField(max_length=MAX_MODEL, blank=True)
     system_prompt = models.TextField(blank=True)
     options = models.JSONField(default=dict, blank=True)
@@ -160,7 +213,12 @@ class Conversation(models.Model):
         }
 
     def visible_messages(self) -> models.QuerySet["Message"]:
-        return self.messages.filter(superseded=False).order_by("created", "pk")
+        # With their feedback, which their frames carry (Message.as_frame).
+        return (
+            self.messages.filter(superseded=False)
+            .select_related("feedback")
+            .order_by("created", "pk")
+        )
 
     def history(self, budget: int | None = None) -> list[dict[str, str]]:
         """What the model is sent: the system prompt, then earlier user and
@@ -192,7 +250,8 @@ class Conversation(models.Model):
 
     def rename(self, title: str) -> None:
         self.title = title
-        self.save(update_fields=["title"])
+        self.title_by_user = True
+        self.save(update_fields=["title", "title_by_user"])
         self.announce()
 
     def change_settings(self, changes: dict[str, Any]) -> None:
@@ -203,22 +262,58 @@ class Conversation(models.Model):
             self.announce()
 
     def announce(self) -> None:
-        """Send the conversation as it now is to every tab subscribed to it,
-        in any process, once the change is committed."""
+        """Send the conversation as it now is to every open tab of its owner,
+        in any process, once the change is committed: subscribed to it or
+        not, every tab lists it in its sidebar."""
         from . import protocol, replies
 
         frame = protocol.conversation_frame(self)
-        transaction.on_commit(partial(async_to_sync(replies.broadcast), self.pk, frame))
+        tell = partial(async_to_sync(replies.announce_to_owner), self.owner_id, self.pk, frame)
+        transaction.on_commit(tell)
+
+    def wants_suggested_title(self, reply_id: Any) -> bool:
+        """Whether a title is to be suggested now that reply_id has completed:
+        only after the first reply that completes (a regenerated one keeps
+        the title the first got), never once the owner has renamed it."""
+        if self.title_by_user:
+            return False
+        replies = self.messages.filter(role=Message.Role.ASSISTANT, status=Message.Status.COMPLETE)
+        return not replies.exclude(pk=reply_id).exists()
+
+    def first_exchange(self) -> tuple[str, str]:
+        """The first user message and the first complete reply (superseded or
+        not): what a suggested title is made from."""
+        first = self.messages.order_by("created", "pk")
+        question = first.filter(role=Message.Role.USER).first()
+        answer = first.filter(role=Message.Role.ASSISTANT, status=Message.Status.COMPLETE).first()
+        return (question.content if question else "", answer.content if answer else "")
+
+    def take_suggested_title(self, title: str) -> bool:
+        """Give the conversation a title the model suggested, unless its owner
+        has renamed it, also while the suggestion was being made: the check
+        and the write are one UPDATE. Announced to the owner's tabs."""
+        taken = Conversation.objects.filter(pk=self.pk, title_by_user=False).update(title=title)
+        if not taken:
+            return False
+        self.refresh_from_db()
+        self.announce()
+        return True
 
     def stop_and_delete(self) -> None:
         """Delete the conversation, stopping its live reply now rather than
         when the reply next fails to save into a row that is gone."""
         from . import replies  # replies is built on these models
 
-        reply = self.reply_in_progress()
-        if reply is not None:
-            async_to_sync(replies.request_stop)(self.pk, reply.pk)
-        self.delete()
+        # The locks start_turn takes, in its order: a send racing this
+        # delete either starts its turn first (and its reply is found and
+        # stopped here) or finds the conversation gone.
+        with transaction.atomic():
+            lock_turns(self.owner_id)
+            Conversation.objects.select_for_update().filter(pk=self.pk).first()
+            reply = self.reply_in_progress()
+            if reply is not None:
+                async_to_sync(replies.request_stop)(self.pk, reply.pk)
+            self.delete()
 
     def title_from(self, content: str) -> str:
         # Markdown markers at the start of lines ("## ", "> ", "- ") and code
@@ -251,18 +346,20 @@ class Conversation(models.Model):
         self, content: str | None, model: str, options: dict[str, Any]
     ) -> tuple["Message | None", "Message", "Message | None"]:
         """Save the user's message (if any) and the reply row that will be
-        streamed into, or raise Busy (or too_many_replies). Regenerating passes content=None: the
+        streamed into, or raise Busy (or too_many_replies, or DoesNotExist
+        if the conversation was deleted meanwhile). Regenerating passes content=None: the
         current last reply is marked superseded (and returned third) and a
         new one written."""
         # Locks the conversation row on Postgres; SQLite serialises the
         # whole transaction (IMMEDIATE mode), so two sends cannot both pass.
         lock_turns(self.owner_id)
-        Conversation.objects.select_for_update().filter(pk=self.pk).first()
+        if Conversation.objects.select_for_update().filter(pk=self.pk).first() is None:
+            # Deleted since it was read: the messages would be written into
+            # a row that is gone, and fail only at COMMIT.
+            raise Conversation.DoesNotExist
         live = self.reply_in_progress()
-        if live is not None and not live.is_stale():
+        if live is not None and not (live.is_stale() and live.mark_interrupted()):
             raise Busy
-        if live is not None:
-            live.mark_interrupted()
         self.check_reply_caps()
         user_message = superseded = None
         if content is not None:
@@ -282,6 +379,7 @@ class Conversation(models.Model):
             status=Message.Status.STREAMING,
             model=model,
             options=options,
+            system_prompt=self.system_prompt,
         )
         fields = ["updated"]
         self.updated = timezone.now()
@@ -309,6 +407,61 @@ PROCESS_STARTED = timezone.now()
 
 
 class MessageQuerySet(models.QuerySet):
+    def for_user(self, user) -> "MessageQuerySet":
+        if not user.is_authenticated:
+            return self.none()
+        return self.filter(conversation__owner=user)
+
+    def search(self, user, text: str) -> "MessageQuerySet":
+        """The user's own messages, as their conversations show them (no
+        superseded replies, no system rows), whose text matches text, best
+        first, with their conversation. On Postgres each has `headline`, a
+        snippet of it with the matches between MATCH_START and MATCH_STOP,
+        and the content itself is not read; elsewhere search.py cuts the
+        snippet from the content."""
+        if not user.is_authenticated:
+            return self.none()
+        mine = (
+            self.filter(
+                conversation__owner=user,
+                superseded=False,
+                role__in=[Message.Role.USER, Message.Role.ASSISTANT],
+            )
+            .select_related("conversation")
+            .only("id", "role", "created", "conversation", "conversation__title")
+        )
+        if full_text(self):
+            from django.contrib.postgres.search import (
+                SearchHeadline,
+                SearchQuery,
+                SearchRank,
+                SearchVector,
+            )
+
+            vector = SearchVector("content", config=SEARCH_CONFIG)
+            query = SearchQuery(text, config=SEARCH_CONFIG, search_type="websearch")
+            headline = SearchHeadline(
+                "content",
+                query,
+                config=SEARCH_CONFIG,
+                start_sel=MATCH_START,
+                stop_sel=MATCH_STOP,
+                max_words=24,
+                min_words=8,
+            )
+            # Postgres computes the headlines after the sort and the limit,
+            # so only for the rows a page of results shows.
+            return (
+                mine.annotate(found=vector)
+                .filter(found=query)
+                .annotate(rank=SearchRank(vector, query), headline=headline)
+                .order_by("-rank", "-created")
+            )
+        mine = mine.only("id", "role", "created", "content", "conversation", "conversation__title")
+        for term in search_terms(text) or [text]:
+            mine = mine.filter(content__icontains=term)
+        return mine.order_by("-created")
+
     def running(self) -> "MessageQuerySet":
         """Replies being written now: live, and not silent past the
         dead-writer limit (a reply whose process died stops counting
@@ -370,6 +523,11 @@ class Message(models.Model):
     )
     model = models.CharField(max_length=MAX_MODEL, blank=True)
     options = models.JSONField(default=dict, blank=True)
+    system_prompt = models.TextField(
+        blank=True,
+        help_text="A reply's: the conversation's system prompt when it was written "
+        "(for staff review; the model is sent the conversation's own).",
+    )
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
     ttft_ms = models.PositiveIntegerField(null=True, blank=True)
@@ -403,11 +561,24 @@ class Message(models.Model):
     def is_stale(self) -> bool:
         return self.is_live and self.updated < timezone.now() - self.stale_after()
 
-    def mark_interrupted(self) -> None:
-        self.status = self.Status.INTERRUPTED
-        self.error_code = ErrorCode.INTERRUPTED
-        self.error = INTERRUPTED_TEXT
-        self.save(update_fields=["status", "error_code", "error"])
+    def mark_interrupted(self) -> bool:
+        """Mark a reply whose writer is gone interrupted, with its last saved
+        text; False, and nothing changed, if the row is no longer as it was
+        read. The verdict was made on that reading: a writer that saved since
+        is alive, and its save (a late final one, say) must not be undone."""
+        interrupted = {
+            "status": self.Status.INTERRUPTED,
+            "error_code": ErrorCode.INTERRUPTED,
+            "error": INTERRUPTED_TEXT,
+        }
+        as_read = Message.objects.filter(
+            pk=self.pk, status__in=self.LIVE_STATUSES, updated=self.updated
+        )
+        if not as_read.update(**interrupted):
+            return False
+        for field, value in interrupted.items():
+            setattr(self, field, value)
+        return True
 
     def usage(self) -> dict[str, int | None]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
@@ -418,6 +589,32 @@ class Message(models.Model):
             generating = max(self.duration_ms - self.ttft_ms, 1)
             rate = round(self.completion_tokens * 1000 / generating, 1)
         return {"ttft_ms": self.ttft_ms, "duration_ms": self.duration_ms, "tokens_per_s": rate}
+
+    def rate(self, rating: str | None, comment: str = "") -> "Feedback | None":
+        """Set or change the owner's feedback on this reply (rating "up" or
+        "down"), or take it back (None); the feedback as it now is. Only a
+        finished reply is rated: a bad_request FrameError otherwise."""
+        if self.role != self.Role.ASSISTANT:
+            raise bad_request(ONLY_REPLIES_TEXT)
+        if self.is_live:
+            raise bad_request(NOT_FINISHED_TEXT)
+        if rating is None:
+            Feedback.objects.filter(message=self).delete()
+            return None
+        feedback, _ = Feedback.objects.update_or_create(
+            message=self,
+            defaults={
+                "rating": Feedback.Rating[rating.upper()],
+                "comment": comment,
+                "updated": timezone.now(),
+            },
+        )
+        return feedback
+
+    def cached_feedback(self) -> "Feedback | None":
+        """The feedback as loaded with the message (select_related), never a
+        query: frames are built in async code too, which may not make one."""
+        return self._state.fields_cache.get("feedback")
 
     def as_frame(self) -> dict[str, Any]:
         frame: dict[str, Any] = {
@@ -438,7 +635,35 @@ class Message(models.Model):
                 frame["error"] = {"code": self.error_code, "message": self.error}
             if self.finish_reason:
                 frame["finish_reason"] = self.finish_reason
+            if (feedback := self.cached_feedback()) is not None:
+                frame["feedback"] = feedback.as_frame()
         return frame
+
+
+class Feedback(models.Model):
+    """The owner's rating of one reply, with an optional comment; changeable,
+    so one row per reply."""
+
+    class Rating(models.IntegerChoices):
+        DOWN = -1, "thumbs down"
+        UP = 1, "thumbs up"
+
+    COMMENT_LENGTH = MAX_COMMENT
+
+    message = models.OneToOneField(Message, on_delete=models.CASCADE, related_name="feedback")
+    rating = models.SmallIntegerField(choices=Rating.choices)
+    comment = models.TextField(blank=True, max_length=COMMENT_LENGTH)
+    created = models.DateTimeField(default=timezone.now, editable=False)
+    updated = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "feedback"
+
+    def __str__(self) -> str:
+        return f"{self.get_rating_display()} on {self.message_id}"
+
+    def as_frame(self) -> dict[str, str]:
+        return {"rating": self.Rating(self.rating).name.lower(), "comment": self.comment}
 
 
 class ApiTokenQuerySet(models.QuerySet):

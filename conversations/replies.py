@@ -10,17 +10,20 @@ import asyncio
 import copy
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.core.cache import cache
+from django.db import connection
 from django.utils import timezone
 
-from . import llm, protocol
+from . import llm, protocol, titles
 from .layers import channel_layer
 from .models import Conversation, Message
+from .signins import user_group
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,9 @@ _swept = False
 FINAL_SAVE_DELAYS: tuple[float, ...] = (0.5, 1.0)
 LATER_SAVE_DELAYS: tuple[float, ...] = (2.0, 5.0, 10.0, 30.0, 60.0)
 UNSAVED_TEXT = "The reply could not be saved; the server keeps trying for a few minutes."
+# Seconds between a reply's tries to listen on its control group again,
+# after the channel layer failed (Redis gone, or back without the group).
+CONTROL_RETRY = 1.0
 
 
 def conversation_group(conversation_id: Any) -> str:
@@ -64,15 +70,32 @@ def interrupt_all() -> None:
 
 
 async def wait_all(timeout: float = 10.0) -> None:
-    """Wait for the running replies to end; cancel those still running
-    after timeout seconds."""
-    pending = list(_running)
-    if not pending:
+    """Wait for the running replies to end, then for the title requests
+    they started (titles.py); cancel what is still running after timeout
+    seconds in all."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    await _wait_or_cancel(list(_running), timeout)
+    await _wait_or_cancel(titles.running(), max(deadline - loop.time(), 0.0))
+
+
+async def _wait_or_cancel(tasks: list[asyncio.Task], timeout: float) -> None:
+    if not tasks:
         return
-    _, late = await asyncio.wait(pending, timeout=timeout)
+    _, late = await asyncio.wait(tasks, timeout=timeout)
     for task in late:
         task.cancel()
     await asyncio.gather(*late, return_exceptions=True)
+
+
+async def announce_to_owner(
+    owner_id: Any, conversation_id: Any, frame: Mapping[str, object]
+) -> None:
+    """Send a conversation frame to every socket of the conversation's
+    owner, in any process, subscribed to it or not: each lists the
+    conversation in its sidebar."""
+    event = {"type": "chat.conversation", "conversation": str(conversation_id), "frame": frame}
+    await channel_layer().group_send(user_group(owner_id), event)
 
 
 async def broadcast(
@@ -148,15 +171,21 @@ async def current(message: Message) -> dict[str, Any]:
     """A message as it is now: for a reply in progress, the snapshot of the
     process writing it, which is newer than the database. A live reply that
     no process answers for, silent past Message.stale_after(), has lost its
-    writer: it is marked interrupted, and every tab still waiting is told."""
+    writer: it is marked interrupted, and every tab still waiting is told,
+    and given its text as kept (a tab may have been shown more, sent after
+    the last save)."""
     if message.is_live:
         frame = await snapshot(message.conversation_id, message.pk)
         if frame is not None:
             return frame
-        message = await Message.objects.aget(pk=message.pk)
+        message = await Message.objects.select_related("feedback").aget(pk=message.pk)
         if message.is_stale():
-            await database_sync_to_async(message.mark_interrupted)()
-            await broadcast(message.conversation_id, protocol.end_frame(message))
+            if await database_sync_to_async(message.mark_interrupted)():
+                kept = protocol.message_frame(message.conversation_id, message.as_frame())
+                await broadcast(message.conversation_id, kept)
+                await broadcast(message.conversation_id, protocol.end_frame(message))
+            else:  # its writer saved meanwhile: it is alive, or has ended
+                message = await Message.objects.select_related("feedback").aget(pk=message.pk)
     return message.as_frame()
 
 
@@ -167,6 +196,19 @@ async def sweep_orphans_once() -> None:
     if not _swept:
         _swept = True
         await database_sync_to_async(Message.objects.interrupt_orphans)()
+
+
+def drop_broken_connection() -> None:
+    """Close this thread's database connection if the database dropped it.
+    It stays broken, and Django opens a new one only once it is closed,
+    which channels does around socket events: with no socket busy, every
+    retry would fail on it ("the connection is closed") however long the
+    database has been back. As Django's close_old_connections() does it."""
+    if connection.errors_occurred:
+        if connection.is_usable():
+            connection.errors_occurred = False
+        else:
+            connection.close()
 
 
 class ReplyWriter:
@@ -196,20 +238,22 @@ class ReplyWriter:
         self.finishing = False
         self.wake = asyncio.Event()
         self.stream: asyncio.Task | None = None
+        self.saving: asyncio.Task | None = None
+        self.control_closed = False
 
     async def run(self) -> None:
         control = await self.layer.new_channel()
-        await self.layer.group_add(control_group(self.conversation_id), control)
-        listener = asyncio.create_task(self._listen(control))
-        if await cache.aget(_stop_key(self.message_id)):
-            self._cancel(Message.Status.STOPPED)
+        # Joined before the stream starts, so that a stop or a snapshot
+        # request from then on reaches us; without Redis the reply is
+        # written all the same, and the listener joins once it is back.
+        joined = await self._join_control(control)
+        listener = asyncio.create_task(self._listen(control, joined))
         pump: asyncio.Task | None = None
         status, error = Message.Status.COMPLETE, None
         try:
             history = await database_sync_to_async(self._history)()
-            await self._broadcast(
-                protocol.start_frame(self.conversation_id, self.message_id, self.message.model)
-            )
+            start = protocol.start_frame(self.conversation_id, self.message_id, self.message.model)
+            await self._tell(self._broadcast(start), "start")
             self.started = time.monotonic()
             pump = asyncio.create_task(self._pump())
             self.stream = asyncio.create_task(self._stream(history))
@@ -237,6 +281,11 @@ class ReplyWriter:
             await pump
             # What arrived while the pump's last delta was being sent.
             await self._flush()
+        except Conversation.DoesNotExist:
+            # Deleted since the turn began: its tabs were told so, and the
+            # row this reply would be written into is gone with it.
+            logger.info("reply %s: its conversation is gone", self.message_id)
+            status = Message.Status.STOPPED
         except Exception as exc:  # never leave a row half-written
             # The exception's text may say anything about our internals:
             # it goes to the log and the admin, and the user gets a plain sentence.
@@ -253,10 +302,24 @@ class ReplyWriter:
             for task in (pump, self.stream):
                 if task is not None and not task.done():
                     task.cancel()
+            await self._saved()
             await self._stop_listening(listener, control)
         await self._finish(status, error)
 
+    async def _join_control(self, control: str) -> bool:
+        """Listen on the conversation's control group, and take a stop that
+        came before (noted in the cache); False if Redis is away."""
+        try:
+            await self.layer.group_add(control_group(self.conversation_id), control)
+            if await cache.aget(_stop_key(self.message_id)):
+                self._cancel(Message.Status.STOPPED)
+        except Exception as exc:
+            logger.warning("reply %s: cannot listen for stops yet: %r", self.message_id, exc)
+            return False
+        return True
+
     async def _stop_listening(self, listener: asyncio.Task, control: str) -> None:
+        self.control_closed = True
         try:
             await self.layer.group_discard(control_group(self.conversation_id), control)
             await self.layer.send(control, {"type": "reply.close"})
@@ -330,7 +393,7 @@ class ReplyWriter:
             except TimeoutError:
                 # Still alive, though quiet: say so to the database and to the
                 # sockets, which otherwise take a long silence for a death.
-                await self._guarded(self._save())
+                self._save_in_background()
                 alive = {
                     "type": "chat.alive",
                     "conversation": self.conversation_id,
@@ -343,8 +406,21 @@ class ReplyWriter:
             if self.finishing:
                 return
             if time.monotonic() - self.last_save >= settings.CHAT_SAVE_INTERVAL:
-                await self._guarded(self._save())
+                self._save_in_background()
             await asyncio.sleep(window)
+
+    def _save_in_background(self) -> None:
+        """A save waits for the database (one thread, shared by every socket
+        and reply of the process): the deltas must not wait with it. One at
+        a time, so saves land in order."""
+        if self.saving is None or self.saving.done():
+            self.last_save = time.monotonic()
+            self.saving = asyncio.create_task(self._guarded(self._save()))
+
+    async def _saved(self) -> None:
+        """Wait for a background save, so that none lands after the final one."""
+        if self.saving is not None:
+            await asyncio.wait({self.saving})
 
     async def _guarded(self, work) -> None:
         try:
@@ -387,17 +463,30 @@ class ReplyWriter:
         if self.stream is not None:
             self.stream.cancel()
 
-    async def _listen(self, control: str) -> None:
-        while True:
-            event = await self.layer.receive(control)
+    async def _listen(self, control: str, joined: bool) -> None:
+        """Answer stops and snapshot requests until the reply ends. A Redis
+        that dies takes the group with it, and comes back without: join
+        again, or a stop would never reach the reply."""
+        while not self.control_closed:
+            if not joined:
+                await asyncio.sleep(CONTROL_RETRY)
+                if not self.control_closed:
+                    joined = await self._join_control(control)
+                continue
+            try:
+                event = await self.layer.receive(control)
+            except Exception as exc:
+                logger.warning("reply %s: its control channel failed: %r", self.message_id, exc)
+                joined = False
+                continue
             if event["type"] == "reply.close":
                 return
             if event["type"] == "reply.stop":
                 self._cancel(Message.Status.STOPPED)
             elif event["type"] == "reply.snapshot" and event.get("message") == self.message_id:
-                await self.layer.send(
-                    event["reply_to"], {"type": "reply.snapshot", "frame": self.frame()}
-                )
+                answer = {"type": "reply.snapshot", "frame": self.frame()}
+                # Unanswered, the asker falls back to the saved row.
+                await self._tell(self.layer.send(event["reply_to"], answer), "snapshot")
 
     def frame(self) -> dict[str, Any]:
         # A copy: a save of self.message may be running in a worker thread.
@@ -408,12 +497,16 @@ class ReplyWriter:
     async def _save(self, **extra: Any) -> None:
         values = {"content": self.content, "reasoning": self.reasoning, "seq": self.seq}
         values.update(extra, updated=timezone.now())
-        saved = await Message.objects.filter(pk=self.message_id).aupdate(**values)
+        saved = await sync_to_async(self._update)(values)
         self.last_save = time.monotonic()
         if not saved and self.outcome is None:
             # The conversation was deleted: nobody is left to read the reply.
             logger.info("reply %s: its row is gone; stopping", self.message_id)
             self._cancel(Message.Status.STOPPED)
+
+    def _update(self, values: dict[str, Any]) -> int:
+        drop_broken_connection()
+        return Message.objects.filter(pk=self.message_id).update(**values)
 
     async def _finish(self, status: str, error: llm.LLMError | None) -> None:
         now = time.monotonic()
@@ -434,20 +527,29 @@ class ReplyWriter:
         fields += ["prompt_tokens", "completion_tokens"]
         values = {field: getattr(message, field) for field in fields}
         saved = await self._save_with_retries(values, FINAL_SAVE_DELAYS, "final")
+        told = message
         if not saved:
             # end says what the database holds: never `complete` for a
             # reply that is not kept (docs/protocol.md, "end").
-            message.status = Message.Status.ERROR
-            message.error_code, message.error = protocol.ErrorCode.SERVER_ERROR, UNSAVED_TEXT
+            told = copy.copy(message)
+            told.status = Message.Status.ERROR
+            told.error_code, told.error = protocol.ErrorCode.SERVER_ERROR, UNSAVED_TEXT
             error = llm.LLMError(protocol.ErrorCode.SERVER_ERROR, UNSAVED_TEXT)
-        await self._broadcast(protocol.end_frame(message))
+        # With Redis gone these reach nobody; the reply is saved (or kept
+        # for a later save) all the same, and a tab that reconnects reads it.
+        await self._tell(self._broadcast(protocol.end_frame(told)), "end")
         if error is not None and self.origin and self.outcome != Message.Status.INTERRUPTED:
             answer = protocol.error_frame(
                 error.code, error.message, self.request_id, self.conversation_id
             )
-            await self.layer.send(self.origin, {"type": "chat.event", "frame": answer})
+            event = {"type": "chat.event", "frame": answer}
+            await self._tell(self.layer.send(self.origin, event), "error")
+        if saved and status == Message.Status.COMPLETE:
+            # Its own task, started once the end is out: a title never
+            # holds up a reply, nor a reply its title.
+            titles.suggest_later(self.conversation_id, self.message_id)
         if not saved:
-            await self._save_later(values)
+            await self._save_later(values, message)
 
     async def _save_with_retries(
         self, values: dict[str, Any], delays: tuple[float, ...], which: str
@@ -465,9 +567,11 @@ class ReplyWriter:
                 return True
         return False
 
-    async def _save_later(self, values: dict[str, Any]) -> None:
+    async def _save_later(self, values: dict[str, Any], message: Message) -> None:
         """The text is still only here: keep trying, a bounded number of
-        times, and say in the log what is lost if every try fails."""
+        times, and say in the log what is lost if every try fails. Once
+        saved, the tabs are given the reply as it ended (message): their
+        `end` said it could not be saved."""
         lost = (
             f"reply {self.message_id} could not be saved: {len(self.content)} characters"
             f" of content and {len(self.reasoning)} of reasoning are lost"
@@ -476,6 +580,8 @@ class ReplyWriter:
             await asyncio.sleep(LATER_SAVE_DELAYS[0])
             if await self._save_with_retries(values, LATER_SAVE_DELAYS[1:], "later"):
                 logger.info("reply %s saved after its end", self.message_id)
+                kept = protocol.message_frame(self.conversation_id, message.as_frame())
+                await self._tell(self._broadcast(kept), "saved message")
                 return
         except asyncio.CancelledError:
             logger.error("%s (the server stopped)", lost)
@@ -484,3 +590,10 @@ class ReplyWriter:
 
     async def _broadcast(self, frame: Any) -> None:
         await broadcast(self.conversation_id, frame)
+
+    async def _tell(self, sending: Awaitable[None], what: str) -> None:
+        """Send a frame that is not worth failing the reply for."""
+        try:
+            await sending
+        except Exception as exc:
+            logger.warning("reply %s: its %s could not be sent: %r", self.message_id, what, exc)

@@ -21,7 +21,7 @@ from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY, get_user_model
 from django.contrib.auth.signals import user_logged_out
 from django.core.cache import cache
 from django.db import transaction
-from django.db.models.signals import post_save, pre_save
+from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
 from django.utils.crypto import constant_time_compare
 
@@ -132,3 +132,11 @@ def end_sockets_on_new_password_or_deactivation(sender, instance, created, **kwa
     if saved != tuple(getattr(instance, field) for field in SIGN_IN_FIELDS):
         # After the commit, so that the sockets re-check against the new row.
         transaction.on_commit(partial(signed_out, instance.pk))
+
+
+@receiver(post_delete, sender=settings.AUTH_USER_MODEL)
+def end_sockets_of_a_deleted_user(sender, instance, **kwargs) -> None:
+    # However the user goes (the account page, the admin, a shell): every
+    # socket re-checks, finds nobody, and closes. The pk is read now: the
+    # instance loses it once deleted.
+    transaction.on_commit(partial(signed_out, instance.pk))

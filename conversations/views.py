@@ -15,9 +15,11 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from review.models import AccessLog
+
 from . import llm, ratelimit
-from .forms import MODEL_LENGTH, RenameForm, SettingsForm, SignupForm, TokenForm
-from .models import TITLE_LENGTH, ApiToken, Conversation
+from .forms import MODEL_LENGTH, RenameForm, SearchForm, SettingsForm, SignupForm, TokenForm
+from .models import TITLE_LENGTH, ApiToken, Conversation, Feedback
 from .protocol import NOT_FOUND_TEXT, ErrorCode, model_not_found
 
 # The page's JS puts a conversation's id in place of this one.
@@ -77,9 +79,17 @@ def _own(request: HttpRequest, pk) -> Conversation:
 
 
 def _url_templates() -> dict[str, str]:
+    # Keyed with underscores: the template reads them as url_templates.<key>.
     return {
-        name: reverse(f"conversations:{name}", args=[PLACEHOLDER_ID])
-        for name in ("conversation", "rename", "delete", "settings")
+        name.replace("-", "_"): reverse(f"conversations:{name}", args=[PLACEHOLDER_ID])
+        for name in (
+            "conversation",
+            "rename",
+            "delete",
+            "settings",
+            "export-markdown",
+            "export-json",
+        )
     }
 
 
@@ -87,6 +97,8 @@ def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpR
     # The saved messages go into the page itself, so a reload shows them at
     # once instead of a blank conversation until the socket's snapshot.
     saved = [m.as_frame() for m in conversation.visible_messages()] if conversation else []
+    # When staff last opened each of the user's conversations (review.models).
+    reviews = AccessLog.objects.notices_for(request.user)
     return render(
         request,
         "conversations/chat.html",
@@ -102,8 +114,12 @@ def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpR
                 "max_content": settings.CHAT_MAX_CONTENT,
                 "max_title": TITLE_LENGTH,
                 "max_model": MODEL_LENGTH,
+                "max_comment": Feedback.COMMENT_LENGTH,
             },
             "url_templates": _url_templates(),
+            "reviews": reviews,
+            "review_notice": reviews.get(str(conversation.pk)) if conversation else None,
+            "search_form": SearchForm(),
         },
     )
 

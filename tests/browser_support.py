@@ -45,14 +45,21 @@ def sign_up(page: Page, site: Site, username: str, password: str = PASSWORD) -> 
 
 def wait_until_ready(page: Page) -> None:
     """Connected, and the server's `ready` frame has filled the model picker
-    (a "fake" option exists whether or not the model server answered)."""
+    (a "fake" option exists whether or not the model server answered).
+
+    The picker shows the default model before `ready` arrives, and `ready`
+    refills it, so only `data-llm` (set by `ready` alone) proves it was read;
+    waiting for less let an option a test added vanish under it."""
     expect(page.locator("#connection-status")).to_have_text("connected")
+    expect(page.locator("#chat[data-llm]")).to_be_attached()
     expect(page.locator('#model option[value="fake"]')).to_be_attached()
 
 
 def choose_model(page: Page, name: str) -> None:
     """Pick a model as a user would; a name the server does not list (the
-    fake's parametrised ones) is added to the picker first."""
+    fake's parametrised ones) is added to the picker first, once `ready` has
+    filled it (see wait_until_ready)."""
+    expect(page.locator("#chat[data-llm]")).to_be_attached()
     page.evaluate(
         """(name) => {
             const select = document.querySelector("#model");

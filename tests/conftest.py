@@ -34,6 +34,14 @@ def no_model_server(settings):
     llm.forget_models()
 
 
+@pytest.fixture(autouse=True)
+def no_suggested_titles(settings):
+    """A suggested title is one more request to the model server and one more
+    frame after a reply's end: off, unless a test is about it (test_titles.py
+    turns it on), so other tests see exactly the requests and frames they make."""
+    settings.CHAT_SUGGEST_TITLES = False
+
+
 @pytest.fixture(scope="session")
 def fake_llm_server():
     server = FakeLLM().start()

@@ -3,20 +3,30 @@
 Behaviour is chosen by the model name, so several processes can share one server
 without shared state: ``BASE[:key=value,...]``, e.g. ``fake:n=5000,delay=0`` or
 ``fake:fault=cut,after=5``, ``fake:endless=1,delay=0``. See ``Spec`` for the keys.
+Two faults belong to the server rather than to a model: ``FakeLLM(api_key=...)``
+answers 401 to any other bearer key, and ``FakeLLM(tls=context)`` serves HTTPS
+(with the test's own self-signed certificate, say).
 
 Run standalone with ``python tests/fake_llm.py --port 8911``.
+
+What the server has written for each chat-completions request is kept in
+``FakeLLM.sent`` (see ``Sent``), and served as JSON by ``GET /fake/sent``
+for a server in its own process; ``POST /fake/reset`` clears it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import dataclasses
 import json
+import ssl
 import threading
 import time
 import traceback
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -27,6 +37,7 @@ _HEAD = {"id": "chatcmpl-fake", "created": 0}
 # Longer than httpx's keep-alive expiry, so an idle client always hangs up first.
 _IDLE_TIMEOUT = 60.0
 _MAX_REQUESTS_PER_CONN = 10_000
+SENT_LIMIT = 10_000  # requests the sent log keeps, newest last
 
 
 @dataclass
@@ -35,10 +46,22 @@ class Spec:
     n: int
     delay: float
     ttft: float = 0.0
-    fault: str | None = (
-        None  # 500 | huge (a 500 with a 2 MB message) | cut | malformed | stall | html
-    )
-    after: int = 3  # chunks sent before a cut/malformed/stall fault
+    # 500 | huge (a 500 with a 2 MB message) | cut | malformed | stall | html
+    # (a 200 whose body is an HTML page) | proxy (a 502 HTML page, as nginx
+    # answers for a dead upstream) | pause (silent for `stall` seconds after
+    # `after` chunks, then the rest of the answer: after=0 is a model that
+    # is slow to start once the headers are out) | 429 | 503 (see times) | nodone (after
+    # `after` chunks the stream ends cleanly, with neither a finish reason nor
+    # [DONE]: an unfinished answer) | nodone-finish (every chunk and the
+    # finish reason, but no [DONE]: a complete answer, as llama.cpp and
+    # Ollama may end one).
+    fault: str | None = None
+    after: int = 3  # chunks sent before a cut/malformed/stall/pause/nodone fault
+    # For 429 and 503: how many requests for this model name get the error
+    # before one succeeds (counted by the FakeLLM since start or reset);
+    # None: every one. A 429 carries retry_after as its Retry-After header.
+    times: int | None = None
+    retry_after: str = "1"
     stall: float = 30.0
     echo: str | None = None  # "1" (words) | "raw" (5-character chunks)
     served: str | None = None  # the model id the chunks report, as a one-model server does
@@ -54,10 +77,25 @@ class Spec:
     # Each content token followed by that many "あ" (3 bytes each in UTF-8):
     # replies of megabytes in a few chunks (issue 10, item 3).
     pad: int = 0
+    # "1": each content token is the time it was written ("@1764650000.123456 "),
+    # so a benchmark can tell how late it arrives (bench/relay.py).
+    stamp: str | None = None
+    # The whole content of the answer to a request that is not streamed
+    # (the site's title requests): e.g. ``title=<think>hm</think>"Prime numbers."``
+    # (no commas). None: such a request is answered with the tokens, as ever.
+    title: str | None = None
+    # "500" | "stall" (silent for `stall` seconds, then a hang-up): how a
+    # request that is not streamed fails, while streamed ones go on as asked.
+    titlefault: str | None = None
 
 
 ENDLESS_LIMIT = 10_000_000
 HUGE_ERROR_SIZE = 2_000_000
+BAD_GATEWAY_PAGE = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    b"</body>\r\n</html>\r\n"
+)
 
 
 # mangle -> (end of the first delta, start of the second), and what a client
@@ -82,7 +120,7 @@ def parse_model(model: str) -> Spec:
         key, sep, value = item.partition("=")
         if not sep or key not in Spec.__dataclass_fields__ or key == "base":
             raise ValueError(f"bad model parameter {item!r}")
-        if key in ("n", "after", "pad"):
+        if key in ("n", "after", "pad", "times"):
             setattr(spec, key, int(value))
         elif key in ("delay", "ttft", "stall"):
             setattr(spec, key, float(value))
@@ -150,12 +188,40 @@ def mended_text(model: str, messages: list[dict] | None = None) -> tuple[str, st
 
 
 @dataclass
+class Sent:
+    """One chat-completions request and what has been written for it so far,
+    updated as each event is handed to the socket: a stream the client cut
+    off holds the text that went out before the cut. A soak test compares
+    stored replies with it."""
+
+    id: int  # 1, 2, 3, ... since the server started or was reset
+    time: float  # time.time() when the request had been read
+    model: str
+    messages: list
+    content: str = ""
+    reasoning: str = ""  # from reasoning fields; think tags stay in content
+    events: int = 0  # events written that carried text
+    finished: bool = False  # the whole answer went out (every chunk of a stream)
+
+    def wrote(self, delta: dict) -> None:
+        text = delta.get("content") or ""
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+        self.content += text
+        self.reasoning += reasoning
+        self.events += bool(text or reasoning)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class _Reply:
     model: str
     body: dict
     spec: Spec
     deltas: list[dict]  # one per chunk that carries content or reasoning
     finish: str
+    sent: Sent = field(default_factory=lambda: Sent(0, 0.0, "", []))
 
 
 def _plan(body: dict) -> _Reply:
@@ -221,9 +287,26 @@ class _ClientGone(Exception):
 
 
 class FakeLLM:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        api_key: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        sent_limit: int = SENT_LIMIT,
+    ) -> None:
         self.host, self.port = host, port
+        # With a key, every request must carry it as its bearer token.
+        self.api_key = api_key
+        self.tls = tls
         self.requests: list[dict] = []
+        self.lookups: list[str] = []  # the paths of GET requests, in order
+        # Requests per model name that met its 429 or 503 fault.
+        self.refused: dict[str, int] = {}
+        # Bounded: a soak runs thousands of requests through one server.
+        self.sent: collections.deque[Sent] = collections.deque(maxlen=sent_limit)
+        self._sent_ids = 0
         self.cancelled = 0
         self.completed = 0
         self._lock = threading.Lock()
@@ -236,7 +319,8 @@ class FakeLLM:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.port}/v1"
 
     def start(self) -> FakeLLM:
         self._thread = threading.Thread(target=self._run, name="fake-llm", daemon=True)
@@ -255,13 +339,43 @@ class FakeLLM:
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.lookups.clear()
+            self.refused.clear()
+            self.sent.clear()
+            self._sent_ids = 0
             self.cancelled = self.completed = 0
+
+    def sent_log(self) -> list[dict[str, Any]]:
+        """The sent log as plain data, oldest first."""
+        with self._lock:
+            return [record.as_dict() for record in self.sent]
+
+    def _record(self, body: dict) -> Sent:
+        messages = body.get("messages")
+        with self._lock:
+            self._sent_ids += 1
+            record = Sent(
+                self._sent_ids,
+                time.time(),
+                str(body.get("model", "")),
+                messages if isinstance(messages, list) else [],
+            )
+            self.sent.append(record)
+        return record
 
     def wait_cancelled(self, n: int = 1, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
         while self.cancelled < n and time.monotonic() < deadline:
             time.sleep(0.01)
         return self.cancelled >= n
+
+    def _refuses(self, model: str, times: int | None) -> bool:
+        with self._lock:
+            seen = self.refused.get(model, 0)
+            if times is not None and seen >= times:
+                return False
+            self.refused[model] = seen + 1
+            return True
 
     def _count(self, attr: str) -> None:
         with self._lock:
@@ -279,7 +393,7 @@ class FakeLLM:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._handle, self.host, self.port)
+        server = await asyncio.start_server(self._handle, self.host, self.port, ssl=self.tls)
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         await self._stop.wait()
@@ -311,8 +425,20 @@ class FakeLLM:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: tuple
     ) -> bool:
         """Answer one request; return whether the connection may be reused."""
-        method, path, raw = req
+        method, path, raw, headers = req
         path = path.split("?", 1)[0].rstrip("/")
+        if method == "GET" and path == "/fake/sent":
+            return await _send(writer, 200, self.sent_log())
+        if method == "POST" and path == "/fake/reset":
+            self.reset()
+            return await _send(writer, 200, {"reset": True})
+        if method == "GET":
+            with self._lock:
+                self.lookups.append(urllib.parse.unquote(path))
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            # Word for word what OpenAI answers.
+            error = _error("Incorrect API key provided", "invalid_request_error", "invalid_api_key")
+            return await _send(writer, 401, error)
         if method == "GET" and path == "/v1/models":
             info = {"object": "model", "created": 0, "owned_by": "fake"}
             data = [{"id": m, **info} for m in MODELS]
@@ -335,9 +461,11 @@ class FakeLLM:
             body = json.loads(raw)
         except ValueError:
             return await _send(writer, 400, _error("bad JSON", "invalid_request_error"))
+        record = None
         if isinstance(body, dict):
             with self._lock:
                 self.requests.append(body)
+            record = self._record(body)
         try:
             reply = _plan(body)
         except LookupError:
@@ -346,7 +474,11 @@ class FakeLLM:
             return await _send(writer, 404, error)
         except (ValueError, TypeError, AttributeError) as exc:
             return await _send(writer, 400, _error(str(exc), "invalid_request_error"))
+        if record is not None:
+            reply.sent = record
         spec, stream = reply.spec, bool(body.get("stream"))
+        if not stream and (spec.title is not None or spec.titlefault):
+            return await self._title(reader, writer, reply)
         if spec.ttft and await _sleep_or_eof(reader, spec.ttft):
             if stream:
                 self._count("cancelled")
@@ -359,6 +491,14 @@ class FakeLLM:
             return await _send(writer, 500, _error(message, "server_error"))
         if spec.fault == "html":
             return await _send(writer, 200, b"<html>oops</html>", "text/html")
+        if spec.fault == "proxy":
+            return await _send(writer, 502, BAD_GATEWAY_PAGE, "text/html")
+        if spec.fault in ("429", "503") and self._refuses(reply.model, spec.times):
+            status = int(spec.fault)
+            if status == 429:
+                error = _error("Rate limit reached, slow down", "rate_limit_error")
+                return await _send(writer, 429, error, headers={"Retry-After": spec.retry_after})
+            return await _send(writer, 503, _error("Loading model", "unavailable_error"))
         if not stream:
             return await self._complete(reader, writer, reply)
         try:
@@ -369,6 +509,27 @@ class FakeLLM:
             self._count("cancelled")
             return False
         return spec.fault is None
+
+    async def _title(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: _Reply
+    ) -> bool:
+        spec = reply.spec
+        if spec.titlefault == "500":
+            return await _send(writer, 500, _error("fake title error", "server_error"))
+        if spec.titlefault == "stall":
+            await _sleep_or_eof(reader, spec.stall)
+            return False  # hang up without a response
+        message = {"role": "assistant", "content": spec.title or ""}
+        result = {
+            **_HEAD,
+            "object": "chat.completion",
+            "model": reply.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": _usage(reply.body, len((spec.title or "").split())),
+        }
+        reply.sent.wrote(message)
+        reply.sent.finished = True
+        return await _send(writer, 200, result)
 
     async def _complete(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: _Reply
@@ -392,6 +553,10 @@ class FakeLLM:
             "choices": [{"index": 0, "message": message, "finish_reason": reply.finish}],
             "usage": _usage(reply.body, len(deltas)),
         }
+        # Logged as it is handed to the transport: a client reading the
+        # answer finds it logged.
+        reply.sent.wrote(message)
+        reply.sent.finished = True
         return await _send(writer, 200, result)
 
     async def _stream(
@@ -413,22 +578,36 @@ class FakeLLM:
             usage = _usage(reply.body, len(reply.deltas))
             events.append({**_chunk(model, {}), "choices": [], "usage": usage})
         # Clamped so the fault fires even when `after` exceeds the content length.
-        faulty = spec.fault in ("cut", "malformed", "stall")
+        faulty = spec.fault in ("cut", "malformed", "stall", "nodone", "pause")
         fault_at = min(spec.after, len(reply.deltas)) if faulty else -1
         for i, event in enumerate(events):
             if i == fault_at:
                 if spec.fault == "malformed":
                     await _send_event(writer, b"data: {this is not json\n\n")
                     break
-                if spec.fault == "stall" and await _sleep_or_eof(reader, spec.stall):
+                if spec.fault == "nodone":
+                    break
+                if spec.fault in ("stall", "pause") and await _sleep_or_eof(reader, spec.stall):
                     raise _ClientGone
-                return  # the caller hangs up: chunked body left unfinished
+                if spec.fault != "pause":
+                    return  # the caller hangs up: chunked body left unfinished
             if i and spec.delay and await _sleep_or_eof(reader, spec.delay):
                 raise _ClientGone
             if reader.at_eof():
                 raise _ClientGone
+            if spec.stamp and event["choices"] and "content" in event["choices"][0]["delta"]:
+                event["choices"][0]["delta"]["content"] = f"@{time.time():.6f} "
+            # Logged as it is handed to the transport (the write does not
+            # wait), so the log never lacks text a client has read.
+            for choice in event["choices"]:
+                reply.sent.wrote(choice["delta"])
             await _send_event(writer, b"data: %s\n\n" % json.dumps(event).encode())
-        await _send_event(writer, b"data: [DONE]\n\n")
+        else:
+            # Every event, the finish reason among them: the whole answer,
+            # with [DONE] or (nodone-finish) without.
+            reply.sent.finished = True
+        if spec.fault not in ("nodone", "nodone-finish"):
+            await _send_event(writer, b"data: [DONE]\n\n")
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         self._count("completed")
@@ -449,11 +628,14 @@ class FakeLLM:
             if reader.at_eof():
                 raise _ClientGone
             event = _chunk(model, {"content": f"w{i} "})
+            reply.sent.wrote(event["choices"][0]["delta"])
             await _send_event(writer, b"data: %s\n\n" % json.dumps(event).encode())
         raise _ClientGone  # past the limit: hang up like a crashed server
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes] | None:
+async def _read_request(
+    reader: asyncio.StreamReader,
+) -> tuple[str, str, bytes, dict[str, str]] | None:
     try:
         line = await asyncio.wait_for(reader.readline(), _IDLE_TIMEOUT)
     except TimeoutError:
@@ -469,15 +651,20 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes] 
         key, _, value = header.decode("latin-1").partition(":")
         headers[key.strip().lower()] = value.strip()
     body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return method, path, body
+    return method, path, body, headers
 
 
 async def _send(
-    writer: asyncio.StreamWriter, status: int, body: dict | bytes, ctype: str = ""
+    writer: asyncio.StreamWriter,
+    status: int,
+    body: dict | bytes,
+    ctype: str = "",
+    headers: dict[str, str] | None = None,
 ) -> bool:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     ctype = ctype or "application/json"
     head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: {ctype}\r\n"
+    head += "".join(f"{key}: {value}\r\n" for key, value in (headers or {}).items())
     head += f"Content-Length: {len(data)}\r\n\r\n"
     writer.write(head.encode() + data)
     await writer.drain()
@@ -502,8 +689,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8911)
+    parser.add_argument(
+        "--sent-limit", type=int, default=SENT_LIMIT, help="requests the sent log keeps"
+    )
     args = parser.parse_args()
-    fake = FakeLLM(args.host, args.port).start()
+    fake = FakeLLM(args.host, args.port, sent_limit=args.sent_limit).start()
     print(f"listening {fake.base_url}", flush=True)
     try:
         while True:

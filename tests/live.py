@@ -6,6 +6,7 @@ import http.cookiejar
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -77,18 +78,20 @@ class Site:
             origins = [self.env.get("CSRF_TRUSTED_ORIGINS", "")]
             origins += [f"http://127.0.0.1:{port}" for port in self.ports]
             self.env["CSRF_TRUSTED_ORIGINS"] = ",".join(filter(None, origins))
-        for index, port in enumerate(self.ports):
-            log = log_dir / f"daphne-{index}.log"
-            command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
-            command.append("chatsite.asgi:application")
-            process = subprocess.Popen(
-                command, cwd=ROOT, env=self.env, stdout=log.open("w"), stderr=subprocess.STDOUT
-            )
-            self.processes.append(process)
-            self.logs.append(log)
+        self.logs = [log_dir / f"daphne-{index}.log" for index in range(self.count)]
+        self.processes = [self._spawn(index, "w") for index in range(self.count)]
         for port, process in zip(self.ports, self.processes, strict=True):
             wait_for_port(port, process)
         return self
+
+    def _spawn(self, index: int, log_mode: str) -> subprocess.Popen:
+        port = str(self.ports[index])
+        command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", port]
+        command.append("chatsite.asgi:application")
+        log = self.logs[index].open(log_mode)
+        return subprocess.Popen(
+            command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
 
     def url(self, index: int = 0) -> str:
         return f"http://127.0.0.1:{self.ports[index]}"
@@ -99,6 +102,14 @@ class Site:
     def kill(self, index: int) -> None:
         self.processes[index].send_signal(signal.SIGKILL)
         self.processes[index].wait(timeout=10)
+
+    def restart(self, index: int) -> None:
+        """Start process index again, on its old port (after a kill, say);
+        its log goes on in the same file."""
+        if self.processes[index].poll() is None:
+            raise RuntimeError(f"process {index} is still running")
+        self.processes[index] = self._spawn(index, "a")
+        wait_for_port(self.ports[index], self.processes[index])
 
     def messages(
         self,
@@ -166,11 +177,62 @@ def running_site(
     server at llm_base_url with `fake` as the default model."""
     with site_database(tmp_path) as database_url:
         settings = {"DATABASE_URL": database_url, "LLM_BASE_URL": llm_base_url}
-        site = Site({"DEFAULT_MODEL": "fake", **settings, **env}, processes).start(tmp_path)
+        # Suggested titles off unless a test asks (as in conftest.py).
+        defaults = {"DEFAULT_MODEL": "fake", "CHAT_SUGGEST_TITLES": "0"}
+        site = Site({**defaults, **settings, **env}, processes).start(tmp_path)
         try:
             yield site
         finally:
             site.stop()
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free loopback port, without
+    persistence, that the test may kill and start again on the same port:
+    nobody else uses it. Needs `redis-server` on PATH (see have_redis)."""
+
+    def __init__(self, log_dir: Path):
+        self.port = free_port()
+        self.log = log_dir / f"redis-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "PrivateRedis":
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(self.log.parent)]
+        self.process = subprocess.Popen(
+            command, stdout=self.log.open("a"), stderr=subprocess.STDOUT
+        )
+        wait_for_port(self.port, self.process)
+        return self
+
+    def kill(self) -> None:
+        """Gone at once, as a crash is: no goodbye to its clients, and no
+        data kept (groups, cache keys)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+def have_redis() -> bool:
+    return shutil.which("redis-server") is not None
+
+
+@contextmanager
+def private_redis(log_dir: Path) -> Iterator[PrivateRedis]:
+    redis = PrivateRedis(log_dir).start()
+    try:
+        yield redis
+    finally:
+        redis.stop()
 
 
 class Browser:
@@ -227,6 +289,30 @@ async def receive(ws, frame_type: str, timeout: float = 20.0, pause: float = 0) 
                 return frames
             if pause:
                 await asyncio.sleep(pause)
+
+
+async def connect(site: Site, index: int, browser: Browser):
+    """A socket to process index, past its ready frame."""
+    import websockets
+
+    ws = await websockets.connect(
+        site.ws_url(index), additional_headers=browser.ws_headers(), max_queue=None
+    )
+    ready = json.loads(await ws.recv())
+    assert ready["type"] == "ready"
+    return ws
+
+
+def joined_text(frames: list[dict]) -> str:
+    """The reply as a client that applies the seq rule would show it."""
+    text, held = "", 0
+    for frame in frames:
+        if frame["type"] == "message" and frame["message"]["role"] == "assistant":
+            text, held = frame["message"]["content"], frame["message"]["seq"]
+        elif frame["type"] == "delta":
+            assert frame["seq"] == held + 1, f"gap or repeat: held {held}, got {frame['seq']}"
+            text, held = text + frame.get("content", ""), frame["seq"]
+    return text
 
 
 def rss_mb(pid: int) -> float:
@@ -351,3 +437,48 @@ def user_with_token(site: Site, username: str) -> str:
         f"get_user_model().objects.create_user({username!r}, password={PASSWORD!r})",
     )
     return site.manage("create_token", username).strip()
+
+
+def users_with_tokens(site: Site, prefix: str, count: int) -> list[str]:
+    """count users (prefix0, prefix1, ...) in one shell, not one process
+    each; a new API token of each, in order."""
+    code = (
+        "from django.contrib.auth import get_user_model\n"
+        "from conversations.models import ApiToken\n"
+        f"for i in range({count}):\n"
+        f"    name = f'{prefix}{{i}}'\n"
+        f"    user = get_user_model().objects.create_user(name, password={PASSWORD!r})\n"
+        "    print(ApiToken.issue(user, 'tests')[1])\n"
+    )
+    return site.manage("shell", "--no-imports", "-c", code).split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def fake_llm_process(log: Path, *args: str) -> Iterator[str]:
+    """The fake model server in its own process, so that its CPU is not the
+    bench's; its base URL. Its output goes to a file: a pipe nobody reads
+    would stop it once full."""
+    port = free_port()
+    argv = [sys.executable, str(ROOT / "tests" / "fake_llm.py"), "--port", str(port), *args]
+    with log.open("w") as output:
+        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(100):  # 10 s
+            if "listening" in log.read_text(errors="replace") or process.poll() is not None:
+                break
+            time.sleep(0.1)
+        if "listening" not in log.read_text(errors="replace"):
+            raise RuntimeError(f"the fake model server did not start: see {log}")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -421,16 +421,30 @@ def revoke_tokens(browser: Browser) -> None:
         browser.opener.open(browser.base_url + path, data=data, timeout=10).close()
 
 
-async def test_a_revoked_token_ends_the_repl_with_2(site):
+async def repl_with_one_answer(
+    site: Site, username: str
+) -> tuple[Browser, asyncio.subprocess.Process]:
+    """A new user's REPL, its token from the user's own sign-up, once it has
+    answered one prompt."""
     browser = Browser(site.url())
-    await asyncio.to_thread(browser.sign_up, "frank")
-    token = (await asyncio.to_thread(site.manage, "create_token", "frank")).strip()
+    await asyncio.to_thread(browser.sign_up, username)
+    token = (await asyncio.to_thread(site.manage, "create_token", username)).strip()
     client = await start_client(site, token=token)
     try:
         client.stdin.write(b"Hello\n")
         await client.stdin.drain()
         answer = await read_until(client.stdout, b"\n")
-        assert answer.decode() == expected_text("fake") + "\n"
+    except BaseException:
+        client.kill()
+        await client.wait()
+        raise
+    assert answer.decode() == expected_text("fake") + "\n"
+    return browser, client
+
+
+async def test_a_revoked_token_ends_the_repl_with_2(site):
+    browser, client = await repl_with_one_answer(site, "frank")
+    try:
         await asyncio.to_thread(revoke_tokens, browser)
         # No more input: the socket's close alone ends the REPL.
         out, err = await asyncio.wait_for(client.communicate(), TIMEOUT)
@@ -440,6 +454,28 @@ async def test_a_revoked_token_ends_the_repl_with_2(site):
             await client.wait()
     assert client.returncode == 2, err
     assert b"revoked" in err and out == b""
+
+
+# A shell's change reaches the site's process only through a shared channel
+# layer and cache.
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="needs REDIS_URL: CI's second pass")
+async def test_a_deactivated_account_ends_the_repl_with_2_without_reconnecting(site):
+    _, client = await repl_with_one_answer(site, "grace")
+    try:
+        # save(), not update(): the site hears of the change by its signal.
+        deactivate = (
+            "from django.contrib.auth import get_user_model; "
+            "u = get_user_model().objects.get(username='grace'); "
+            "u.is_active = False; u.save()"
+        )
+        await asyncio.to_thread(site.manage, "shell", "-c", deactivate)
+        out, err = await asyncio.wait_for(client.communicate(), TIMEOUT)
+    finally:
+        if client.returncode is None:
+            client.kill()
+            await client.wait()
+    assert client.returncode == 2, err
+    assert b"deactivated" in err and b"reconnecting" not in err and out == b""
 
 
 class Proxy:

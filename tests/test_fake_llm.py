@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ except ImportError:
     import httpx
 
 from tests.fake_llm import MODELS, FakeLLM, expected_text, reasoning_for, tokens_for
+from tests.helpers import self_signed_tls
 
 MESSAGES = [{"role": "user", "content": "say something nice"}]
 
@@ -132,6 +134,110 @@ def test_stall_times_out_and_counts_cancel(fake: FakeLLM) -> None:
     assert fake.wait_cancelled(before + 1)
 
 
+def raw_stream(fake: FakeLLM, model: str) -> bytes:
+    """The whole body of a streamed answer, as the server sent it."""
+    body = json.dumps({"model": model, "messages": MESSAGES, "stream": True}).encode()
+    request = urllib.request.Request(
+        fake.base_url + "/chat/completions", body, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read()
+
+
+def test_nodone_ends_cleanly_with_neither_finish_reason_nor_done(
+    fake: FakeLLM, openai_client: openai.OpenAI
+) -> None:
+    chunks = stream(openai_client, "fake:fault=nodone,after=4")
+    assert content(chunks) == tokens_for("fake")[:4]
+    assert all(c.choices[0].finish_reason is None for c in chunks if c.choices)
+    assert b"[DONE]" not in raw_stream(fake, "fake:fault=nodone,after=4")
+
+
+def test_nodone_finish_sends_every_chunk_and_the_finish_reason_but_no_done(
+    fake: FakeLLM, openai_client: openai.OpenAI
+) -> None:
+    chunks = stream(openai_client, "fake:fault=nodone-finish")
+    assert content(chunks) == tokens_for("fake")
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    body = raw_stream(fake, "fake:fault=nodone-finish")
+    assert b'"finish_reason": "stop"' in body and b"[DONE]" not in body
+
+
+def test_pause_is_silent_then_sends_the_whole_answer(openai_client: openai.OpenAI) -> None:
+    assert content(stream(openai_client, "fake:fault=pause,after=2,stall=0.2")) == tokens_for(
+        "fake"
+    )
+
+
+@pytest.mark.parametrize(
+    ("fault", "error"), [("429", openai.RateLimitError), ("503", openai.InternalServerError)]
+)
+def test_busy_faults_refuse_the_first_times_requests_of_a_model_then_answer(
+    fake: FakeLLM, openai_client: openai.OpenAI, fault: str, error: type
+) -> None:
+    fake.reset()
+    model = f"fake:fault={fault},times=2,retry_after=7"
+    for _ in range(2):
+        with pytest.raises(error) as caught:
+            stream(openai_client, model)
+        assert caught.value.status_code == int(fault)
+        # Only a 429 says when to come back.
+        assert caught.value.response.headers.get("retry-after") == ("7" if fault == "429" else None)
+    assert "".join(content(stream(openai_client, model))) == expected_text("fake")
+    assert fake.refused == {model: 2}
+    # Another model name has its own count; without times, every request is refused.
+    for _ in range(3):
+        with pytest.raises(error):
+            stream(openai_client, f"fake:fault={fault}")
+
+
+def test_a_proxy_fault_is_a_502_html_page(openai_client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIStatusError) as caught:
+        stream(openai_client, "fake:fault=proxy")
+    assert caught.value.status_code == 502
+    assert caught.value.response.headers["content-type"] == "text/html"
+    assert "502 Bad Gateway" in caught.value.response.text
+
+
+def test_with_an_api_key_the_fake_answers_401_to_any_other_key() -> None:
+    server = FakeLLM(api_key="sk-right").start()
+    try:
+        wrong = openai.OpenAI(base_url=server.base_url, api_key="sk-wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as caught:
+            wrong.models.list()
+        assert caught.value.status_code == 401
+        assert caught.value.body == {
+            "message": "Incorrect API key provided",
+            "type": "invalid_request_error",
+            "code": "invalid_api_key",
+        }
+        with pytest.raises(openai.AuthenticationError):
+            stream(wrong, "fake")
+        right = openai.OpenAI(base_url=server.base_url, api_key="sk-right", max_retries=0)
+        assert "".join(content(stream(right, "fake"))) == expected_text("fake")
+    finally:
+        server.stop()
+
+
+def test_with_tls_the_fake_serves_https_to_a_client_that_trusts_its_certificate(
+    tmp_path: Path,
+) -> None:
+    context, cert = self_signed_tls(tmp_path)
+    server = FakeLLM(tls=context).start()
+    trust = ssl.create_default_context(cafile=str(cert))
+    try:
+        assert server.base_url.startswith("https://127.0.0.1:")
+        with httpx.Client(verify=trust) as trusting:
+            client = openai.OpenAI(
+                base_url=server.base_url, api_key="x", max_retries=0, http_client=trusting
+            )
+            assert "".join(content(stream(client, "fake"))) == expected_text("fake")
+        with pytest.raises(openai.APIConnectionError):
+            openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0).models.list()
+    finally:
+        server.stop()
+
+
 def test_think_tags_split_across_chunks(openai_client: openai.OpenAI) -> None:
     parts = content(stream(openai_client, "fake-think"))
     pairs = list(itertools.pairwise(parts))
@@ -210,6 +316,115 @@ def test_standalone_process() -> None:
             url = line.split()[1]
             client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10)
             assert "".join(content(stream(client, "fake"))) == expected_text("fake")
+        finally:
+            proc.terminate()
+            proc.wait(5)
+
+
+def test_the_sent_log_holds_a_finished_streams_request_and_whole_text(
+    fake: FakeLLM, openai_client: openai.OpenAI
+) -> None:
+    stream(openai_client, "fake:n=7")
+    record = fake.sent[-1]
+    assert record.model == "fake:n=7" and record.messages == MESSAGES
+    assert record.content == expected_text("fake:n=7") and record.reasoning == ""
+    assert record.events == 7 and record.finished
+    assert record.id == fake.sent_log()[-1]["id"]
+
+
+def test_the_sent_log_of_a_cut_stream_holds_exactly_what_went_out_before_the_cut(
+    fake: FakeLLM, openai_client: openai.OpenAI
+) -> None:
+    received: list[str] = []
+    with pytest.raises((httpx.HTTPError, openai.APIError)):  # noqa: PT012 - cut mid-stream
+        for chunk in openai_client.chat.completions.create(
+            model="fake:fault=cut,after=4", messages=MESSAGES, stream=True
+        ):
+            received.extend(content([chunk]))
+    record = fake.sent[-1]
+    assert record.content == "".join(received) == "".join(tokens_for("fake")[:4])
+    assert record.events == 4 and not record.finished
+
+
+def test_the_sent_log_of_a_stream_the_client_left_stops_where_the_server_stopped_writing(
+    fake: FakeLLM, openai_client: openai.OpenAI
+) -> None:
+    model = "fake:n=500,delay=0.01"
+    before = fake.cancelled
+    response = openai_client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
+    chunks = iter(response)
+    received = "".join(content([next(chunks) for _ in range(3)]))
+    response.close()
+    assert fake.wait_cancelled(before + 1)
+    record = fake.sent[-1]
+    # What the client read went out; what went out is the start of the answer, not all of it.
+    assert record.content.startswith(received)
+    assert expected_text(model).startswith(record.content)
+    assert len(record.content) < len(expected_text(model)) and not record.finished
+    assert record.events == len(record.content.split())
+
+
+def test_the_sent_log_keeps_reasoning_fields_apart_and_think_tags_in_content(
+    fake: FakeLLM, openai_client: openai.OpenAI
+) -> None:
+    stream(openai_client, "fake-reasoning-field")
+    assert fake.sent[-1].reasoning == reasoning_for("fake-reasoning-field")
+    assert fake.sent[-1].content == expected_text("fake-reasoning-field")
+    stream(openai_client, "fake-think")
+    assert fake.sent[-1].reasoning == ""
+    assert fake.sent[-1].content.startswith("<think>r1 ")
+
+
+def test_the_sent_log_of_a_refused_request_holds_no_text(
+    fake: FakeLLM, openai_client: openai.OpenAI
+) -> None:
+    with pytest.raises(openai.InternalServerError):
+        stream(openai_client, "fake:fault=500")
+    record = fake.sent[-1]
+    assert record.model == "fake:fault=500"
+    assert (record.content, record.events, record.finished) == ("", 0, False)
+
+
+def test_the_sent_log_counts_an_answer_finished_by_its_finish_reason_not_by_done(
+    fake: FakeLLM, openai_client: openai.OpenAI
+) -> None:
+    stream(openai_client, "fake:fault=nodone-finish")
+    assert fake.sent[-1].finished and fake.sent[-1].content == expected_text("fake")
+    stream(openai_client, "fake:fault=nodone,after=4")
+    assert not fake.sent[-1].finished
+    assert fake.sent[-1].content == "".join(tokens_for("fake")[:4])
+
+
+def test_a_non_streamed_answer_is_in_the_sent_log_once_written(
+    fake: FakeLLM, openai_client: openai.OpenAI
+) -> None:
+    openai_client.chat.completions.create(model="fake:n=3", messages=MESSAGES)
+    record = fake.sent[-1]
+    assert (record.content, record.finished) == (expected_text("fake:n=3"), True)
+
+
+def test_a_standalone_server_serves_its_bounded_sent_log_over_http_and_resets_it() -> None:
+    script = Path(__file__).with_name("fake_llm.py")
+    argv = [sys.executable, str(script), "--port", "0", "--sent-limit", "2"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            url = proc.stdout.readline().split()[1]
+            root = url.removesuffix("/v1")
+            client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10)
+            for n in (1, 2, 3):
+                stream(client, f"fake:n={n}")
+            with urllib.request.urlopen(root + "/fake/sent", timeout=5) as response:
+                log = json.load(response)
+            # The oldest request went: the log keeps the newest two.
+            assert [r["id"] for r in log] == [2, 3]
+            assert [r["content"] for r in log] == [expected_text("fake:n=2"), "w1 w2 w3"]
+            assert log[-1]["messages"] == MESSAGES and log[-1]["finished"] is True
+            reset = urllib.request.Request(root + "/fake/reset", method="POST")
+            with urllib.request.urlopen(reset, timeout=5) as response:
+                assert json.load(response) == {"reset": True}
+            with urllib.request.urlopen(root + "/fake/sent", timeout=5) as response:
+                assert json.load(response) == []
         finally:
             proc.terminate()
             proc.wait(5)

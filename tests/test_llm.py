@@ -2,8 +2,12 @@
 <think> splitter on its own."""
 
 import asyncio
+import email.utils
 import itertools
+import ssl
 
+import httpx2 as httpx
+import openai
 import pytest
 
 from conversations import llm
@@ -17,9 +21,8 @@ from tests.fake_llm import (
     reasoning_for,
     tokens_for,
 )
-from tests.helpers import free_port
+from tests.helpers import free_port, self_signed_tls
 
-USAGE_AS_READ = {"string": 7, "bool": 1}
 MESSAGES = [{"role": "user", "content": "say something nice"}]  # 3 prompt tokens
 
 
@@ -90,6 +93,17 @@ async def test_list_models_cache_expires(fake_llm, settings):
 )
 async def test_model_exists_asks_the_server(fake_llm, model, exists):
     assert await llm.model_exists(model) is exists
+
+
+async def test_a_model_found_by_name_is_not_asked_for_again_within_the_cache_time(
+    fake_llm, settings
+):
+    settings.LLM_MODELS_CACHE_SECONDS = 60
+    fake_llm.reset()
+    assert await llm.model_exists("fake:n=3")
+    assert await llm.model_exists("fake:n=3")
+    assert await llm.model_exists("fake:n=4")
+    assert fake_llm.lookups == ["/v1/models", "/v1/models/fake:n=3", "/v1/models/fake:n=4"]
 
 
 async def test_every_model_exists_when_the_server_cannot_be_reached():
@@ -208,10 +222,9 @@ async def test_stream_chat_mends_surrogates_and_removes_nul_in_content_and_reaso
 async def test_stream_chat_gives_bad_usage_counts_as_none(fake_llm, bad):
     items = await collect(f"fake:usage={bad}")
 
-    # The openai library reads "7" and true as the numbers 7 and 1 before
-    # we see them; what it leaves as it came is checked here.
-    read = USAGE_AS_READ.get(bad)
-    assert items[-1] == Usage(read, read)
+    # "7" and true too: a count is a JSON number, and a server that sends
+    # anything else is not to be trusted with it.
+    assert items[-1] == Usage(None, None)
 
 
 @pytest.mark.parametrize(
@@ -314,6 +327,146 @@ async def test_non_sse_answer_is_upstream_error(fake_llm):
     assert error.code == "upstream_error"
 
 
+async def test_a_web_page_where_the_stream_should_be_says_so(fake_llm):
+    _, error = await collect_until_error("fake:fault=html")
+
+    assert error.message == "The model server answered with a web page, not a chat answer."
+    assert "text/html" in error.detail
+
+
+async def test_a_proxys_error_page_gives_the_status_not_the_page(fake_llm):
+    items, error = await collect_until_error("fake:fault=proxy")
+
+    assert items == []
+    assert (error.code, error.message) == ("upstream_error", "The model server answered HTTP 502.")
+    assert "<h1>502 Bad Gateway</h1>" in error.detail  # staff see what answered
+
+
+async def test_a_stream_that_ends_without_finish_reason_or_done_is_unfinished(fake_llm):
+    items, error = await collect_until_error("fake:fault=nodone,after=4")
+
+    assert error.code == "upstream_error"
+    assert error.message == "The model server ended the answer before finishing it."
+    assert text_of(items) == "".join(tokens_for("fake")[:4])
+
+
+async def test_a_stream_with_its_finish_reason_but_no_done_is_complete(fake_llm):
+    # What llama.cpp and Ollama may send: the finish reason is the end.
+    items = await collect("fake:fault=nodone-finish")
+
+    assert text_of(items) == expected_text("fake")
+    assert items[-1] == Usage(prompt_tokens=3, completion_tokens=len(tokens_for("fake")))
+
+
+@pytest.mark.parametrize("status", ["429", "503"])
+async def test_a_busy_server_is_asked_once_more_and_its_answer_streams(fake_llm, status):
+    model = f"fake:fault={status},times=1,retry_after=0"
+
+    items = await collect(model)
+
+    assert text_of(items) == expected_text("fake")
+    assert fake_llm.refused == {model: 1}
+    assert [r["model"] for r in fake_llm.requests] == [model, model]
+
+
+@pytest.mark.parametrize("status", ["429", "503"])
+async def test_a_server_busy_twice_is_asked_only_twice_and_the_error_says_busy(fake_llm, status):
+    model = f"fake:fault={status},times=2,retry_after=0"
+
+    items, error = await collect_until_error(model)
+
+    assert items == []
+    assert error.code == "upstream_error"
+    assert error.message == f"The model server is busy (HTTP {status}); try again in a moment."
+    assert len(fake_llm.requests) == 2
+
+
+async def test_no_retry_when_its_wait_would_pass_the_first_token_timeout(fake_llm, settings):
+    settings.LLM_FIRST_TOKEN_TIMEOUT = 0.5
+    model = "fake:fault=429,times=1,retry_after=3"
+
+    _, error = await collect_until_error(model)
+
+    assert "busy (HTTP 429)" in error.message
+    assert len(fake_llm.requests) == 1
+
+
+NOW = 1_800_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "delay"),
+    [
+        (None, llm.RETRY_DELAY),
+        ("", llm.RETRY_DELAY),
+        ("2", 2.0),
+        ("0.5", 0.5),
+        ("0", 0.0),
+        ("-3", 0.0),
+        ("3600", llm.RETRY_AFTER_CAP),
+        ("nan", llm.RETRY_DELAY),
+        ("soon", llm.RETRY_DELAY),
+        (email.utils.formatdate(NOW + 3, usegmt=True), 3.0),
+        (email.utils.formatdate(NOW - 60, usegmt=True), 0.0),
+        (email.utils.formatdate(NOW + 600, usegmt=True), llm.RETRY_AFTER_CAP),
+    ],
+)
+def test_the_retry_waits_what_retry_after_says_within_the_cap(retry_after, delay):
+    assert llm.retry_delay(retry_after, now=NOW) == delay
+
+
+async def test_a_refused_api_key_says_who_can_fix_it(settings):
+    server = FakeLLM(api_key="sk-right").start()
+    try:
+        settings.LLM_BASE_URL = server.base_url
+        settings.LLM_API_KEY = "sk-wrong"
+        items, error = await collect_until_error("fake")
+        settings.LLM_API_KEY = "sk-right"
+        answered = await collect("fake")
+    finally:
+        server.stop()
+
+    assert items == []
+    assert error.code == "upstream_error"
+    assert error.message == (
+        "The model server refused our API key (HTTP 401). An administrator must set LLM_API_KEY."
+    )
+    assert "Incorrect API key provided" in error.detail
+    assert text_of(answered) == expected_text("fake")
+
+
+async def test_an_untrusted_certificate_is_upstream_unavailable_in_plain_words(settings, tmp_path):
+    context, _ = self_signed_tls(tmp_path)
+    server = FakeLLM(tls=context).start()
+    try:
+        settings.LLM_BASE_URL = server.base_url
+        items, error = await collect_until_error("fake")
+    finally:
+        server.stop()
+
+    assert items == []
+    assert error.code == "upstream_unavailable"
+    assert error.message == "The model server's certificate is not trusted."
+    assert "CERTIFICATE_VERIFY_FAILED" in error.detail
+
+
+def test_a_tls_failure_other_than_trust_is_upstream_unavailable_in_plain_words():
+    # As httpx and openai wrap, say, TLS spoken to a plain-HTTP port.
+    cause = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    request = httpx.Request("POST", "https://127.0.0.1:1/v1/chat/completions")
+    try:
+        try:
+            raise httpx.ConnectError(str(cause), request=request) from cause
+        except httpx.ConnectError as connect:
+            raise openai.APIConnectionError(request=request) from connect
+    except openai.APIConnectionError as exc:
+        error = llm._as_llm_error(exc)
+
+    assert error.code == "upstream_unavailable"
+    assert error.message == "A secure connection to the model server could not be made."
+    assert "WRONG_VERSION_NUMBER" in error.detail
+
+
 async def test_closing_the_stream_early_cancels_the_request(fake_llm):
     stream = llm.stream_chat(MESSAGES, "fake-slow")
     first = [await anext(stream) for _ in range(3)]  # which model, then two deltas
@@ -330,24 +483,49 @@ async def test_closing_the_stream_early_cancels_the_request(fake_llm):
 # that its count cannot leak into the next test.
 
 
-async def test_stalled_stream_is_a_timeout(fake_llm, settings):
+# A pause that would end is cut all the same: LLM_FIRST_TOKEN_TIMEOUT (120 s
+# here) no longer applies once text has come.
+@pytest.mark.parametrize("fault", ["stall", "pause"])
+async def test_stalled_stream_is_a_timeout(fake_llm, settings, fault):
     settings.LLM_READ_TIMEOUT = 0.5
 
-    items, error = await collect_until_error("fake:fault=stall,after=2,stall=5")
+    items, error = await collect_until_error(f"fake:fault={fault},after=2,stall=5")
 
     assert error.code == "timeout"
+    assert error.message == "The model server stopped sending for 0.5 seconds."
     assert text_of(items) == "".join(tokens_for("fake")[:2])
     assert await asyncio.to_thread(fake_llm.wait_cancelled)
 
 
-async def test_no_first_byte_within_the_read_timeout_is_a_timeout(fake_llm, settings):
-    settings.LLM_READ_TIMEOUT = 0.5
+# Before the first token the wait is LLM_FIRST_TOKEN_TIMEOUT's, whether the
+# server holds back its headers (ttft) or sends them and then nothing.
+@pytest.mark.parametrize("model", ["fake:ttft=5", "fake:fault=stall,after=0,stall=5"])
+async def test_no_first_token_within_the_first_token_timeout_is_a_timeout(
+    fake_llm, settings, model
+):
+    settings.LLM_FIRST_TOKEN_TIMEOUT = 0.5
+    settings.LLM_READ_TIMEOUT = 120
 
-    items, error = await collect_until_error("fake:ttft=5")
+    items, error = await collect_until_error(model)
 
-    assert items == []
+    assert [i for i in items if isinstance(i, Delta)] == []
     assert error.code == "timeout"
+    assert error.message == "The model did not start answering within 0.5 seconds."
     assert await asyncio.to_thread(fake_llm.wait_cancelled)
+
+
+@pytest.mark.parametrize("model", ["fake:ttft=1", "fake:fault=pause,after=0,stall=1"])
+async def test_a_model_slower_to_start_than_the_read_timeout_still_answers(
+    fake_llm, settings, model
+):
+    # A CPU server loading its model is silent long before its first token,
+    # then streams at its usual pace: only the first wait is long.
+    settings.LLM_FIRST_TOKEN_TIMEOUT = 30
+    settings.LLM_READ_TIMEOUT = 0.2
+
+    items = await collect(model)
+
+    assert text_of(items) == expected_text("fake")
 
 
 # ThinkSplitter

@@ -53,11 +53,9 @@ async def test_bad_usage_counts_are_stored_as_null_and_the_reply_saved(alice, fa
 
     end = frames[-1]
     assert end["status"] == "complete", end
-    # The openai library reads "7" and true as 7 and 1 before we see them.
-    read = {"string": 7, "bool": 1}.get(bad)
-    assert end["usage"] == {"prompt_tokens": read, "completion_tokens": read}
+    assert end["usage"] == {"prompt_tokens": None, "completion_tokens": None}
     reply = await Message.objects.aget(pk=end["message"])
-    assert (reply.prompt_tokens, reply.completion_tokens) == (read, read)
+    assert (reply.prompt_tokens, reply.completion_tokens) == (None, None)
     assert reply.content == mended_text("fake")[0]
     assert reply.timing() == end["timing"]
 

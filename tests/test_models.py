@@ -640,6 +640,65 @@ def test_a_live_reply_is_stale_only_after_three_heartbeats_of_silence(chat):
     assert not reply.is_stale()
 
 
+def silent_reply(chat) -> Message:
+    """A streaming reply, read after its writer had been silent past the
+    dead-writer limit."""
+    _, reply, _ = chat.start_turn("hi", "fake", {})
+    silent = timezone.now() - Message.stale_after() - timedelta(seconds=1)
+    Message.objects.filter(pk=reply.pk).update(content="kept", updated=silent)
+    return Message.objects.get(pk=reply.pk)
+
+
+def test_a_silent_reply_is_marked_interrupted_with_its_saved_text(chat):
+    reply = silent_reply(chat)
+
+    assert reply.mark_interrupted()
+
+    stored = Message.objects.get(pk=reply.pk)
+    assert (stored.status, stored.error_code, stored.content) == (
+        "interrupted",
+        "interrupted",
+        "kept",
+    )
+    assert (reply.status, reply.error) == ("interrupted", stored.error)
+
+
+def test_a_reply_saved_after_it_was_read_as_silent_is_not_marked_interrupted(chat):
+    # Its writer was only slow (a final save retried while the database
+    # was away): the save it made meanwhile stands.
+    reply = silent_reply(chat)
+    Message.objects.filter(pk=reply.pk).update(
+        content="kept, and the rest", status=COMPLETE, updated=timezone.now()
+    )
+
+    assert not reply.mark_interrupted()
+
+    stored = Message.objects.get(pk=reply.pk)
+    assert (stored.status, stored.error_code, stored.content) == (
+        COMPLETE,
+        "",
+        "kept, and the rest",
+    )
+    assert reply.status == Message.Status.STREAMING
+
+
+def test_a_turn_waits_for_a_silent_reply_whose_writer_saved_meanwhile(chat, monkeypatch):
+    reply = silent_reply(chat)
+    # The writer's save lands between the turn's reading and its verdict.
+    mark = Message.mark_interrupted
+
+    def saved_first(message: Message) -> bool:
+        Message.objects.filter(pk=reply.pk).update(updated=timezone.now())
+        return mark(message)
+
+    monkeypatch.setattr(Message, "mark_interrupted", saved_first)
+
+    with pytest.raises(Busy):
+        chat.start_turn("again", "fake", {})
+    assert Message.objects.get(pk=reply.pk).status == Message.Status.STREAMING
+    assert chat.messages.count() == 2
+
+
 # Replies at once (issue 9, item 2)
 
 
@@ -746,3 +805,74 @@ def test_two_sends_at_the_same_instant_cannot_both_pass_at_one_below_the_cap(
 
     assert sorted(outcomes) == ["started", "too_many_replies"]
     assert Message.objects.running().filter(conversation__owner=alice).count() == 3
+
+
+def test_a_turn_in_a_conversation_deleted_since_it_was_read_is_not_found(chat):
+    """A delete that commits between reading the conversation and starting
+    the turn: on Postgres the messages were written into a row that was
+    gone, and the send failed at COMMIT with a 500 (issue 10, the soak)."""
+    Conversation.objects.filter(pk=chat.pk).delete()
+    with pytest.raises(Conversation.DoesNotExist):
+        chat.start_turn("hi", "fake", {})
+    with pytest.raises(Conversation.DoesNotExist):
+        chat.start_turn(None, "fake", {})
+    assert not Message.objects.exists()
+
+
+def waiting_on_a_lock() -> bool:
+    """Whether some other Postgres session waits on a lock (bounded poll)."""
+    for _ in range(100):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            if cursor.fetchone()[0]:
+                return True
+        threading.Event().wait(0.05)
+    return False
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_delete_racing_a_send_stops_the_reply_that_send_started(alice, stops, monkeypatch):
+    """The send has locked its turn and is writing its reply row when the
+    delete comes: the delete waits for it, then finds that reply and stops
+    it. Before, it looked for a live reply first, found none, and deleted
+    the row under a reply that went on asking the model."""
+    if connection.vendor == "sqlite":
+        pytest.skip("needs Postgres: SQLite serialises writers by itself")
+    chat = Conversation.objects.create(owner=alice, model="fake")
+    turn_begun, go_on = threading.Event(), threading.Event()
+    check = Conversation.check_reply_caps
+
+    def check_then_hold(self):
+        check(self)
+        turn_begun.set()
+        go_on.wait(5)
+
+    monkeypatch.setattr(Conversation, "check_reply_caps", check_then_hold)
+    started = []
+
+    def send():
+        try:
+            started.append(chat.start_turn("hi", "fake", {})[1].pk)
+        finally:
+            connection.close()
+
+    def delete():
+        try:
+            Conversation.objects.get(pk=chat.pk).stop_and_delete()
+        finally:
+            connection.close()
+
+    sender, deleter = threading.Thread(target=send), threading.Thread(target=delete)
+    sender.start()
+    try:
+        assert turn_begun.wait(5)
+        deleter.start()
+        assert waiting_on_a_lock()
+    finally:
+        go_on.set()
+        sender.join(10)
+        if deleter.ident is not None:  # started
+            deleter.join(10)
+    assert stops == [(chat.pk, started[0])]
+    assert not Conversation.objects.filter(pk=chat.pk).exists()
+    assert not Message.objects.exists()

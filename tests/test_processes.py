@@ -10,7 +10,7 @@ import websockets
 
 from conversations import protocol
 from tests.fake_llm import expected_text
-from tests.live import Browser, Site, receive, running_site
+from tests.live import Browser, connect, joined_text, receive, running_site
 
 pytestmark = [
     pytest.mark.slow,
@@ -26,27 +26,6 @@ pytestmark = [
 def two_processes(tmp_path, fake_llm_server):
     with running_site(tmp_path, fake_llm_server.base_url, processes=2) as site:
         yield site
-
-
-async def connect(site: Site, index: int, browser: Browser):
-    ws = await websockets.connect(
-        site.ws_url(index), additional_headers=browser.ws_headers(), max_queue=None
-    )
-    ready = json.loads(await ws.recv())
-    assert ready["type"] == "ready"
-    return ws
-
-
-def joined_text(frames: list[dict]) -> str:
-    """The reply as a client that applies the seq rule would show it."""
-    text, held = "", 0
-    for frame in frames:
-        if frame["type"] == "message" and frame["message"]["role"] == "assistant":
-            text, held = frame["message"]["content"], frame["message"]["seq"]
-        elif frame["type"] == "delta":
-            assert frame["seq"] == held + 1, f"gap or repeat: held {held}, got {frame['seq']}"
-            text, held = text + frame.get("content", ""), frame["seq"]
-    return text
 
 
 async def start_reply(site, browser, model):

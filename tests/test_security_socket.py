@@ -13,12 +13,18 @@ from channels.testing import WebsocketCommunicator
 from django.core.cache import cache
 
 from chatsite import sendbuffer
-from chatsite.asgi import application
 from conversations import protocol, replies, signins
 from conversations.auth import origin_allowed
 from conversations.budget import FrameBudget
-from conversations.models import ApiToken, Conversation, Message
-from tests.helpers import chat_socket, logged_in
+from conversations.models import Conversation, Message
+from tests.helpers import (
+    answers,
+    chat_socket,
+    logged_in,
+    session_socket,
+    site_socket,
+    token_socket,
+)
 from tests.live import (
     Browser,
     RawSocket,
@@ -185,8 +191,11 @@ class FakeTransport:
 
 
 class FakeWebSocket:
-    STATE_OPEN = 1
+    # autobahn's values
+    STATE_CLOSED = 0
+    STATE_CONNECTING = 1
     STATE_CLOSING = 2
+    STATE_OPEN = 3
 
     def __init__(self, unsent: int) -> None:
         self.transport = FakeTransport(unsent)
@@ -244,13 +253,23 @@ async def test_a_client_that_does_not_read_is_closed_as_too_slow(settings):
     await asyncio.wait_for(handle_reply(None, socket, HI), 10)
     assert sent == []
     assert socket.closed_with == protocol.CLOSE_TOO_SLOW
-    # A closing socket is daphne's (autobahn drops sends to it): no more waits.
+    # A closing socket gets no more sends (autobahn would raise them into the
+    # consumer, killing it before disconnect()), and no more waits; the
+    # consumer's own close still goes through.
     await handle_reply(None, socket, {"type": "websocket.send", "text": "more"})
     await handle_reply(None, socket, {"type": "websocket.close", "code": 1000})
-    assert sent == [
-        {"type": "websocket.send", "text": "more"},
-        {"type": "websocket.close", "code": 1000},
-    ]
+    assert sent == [{"type": "websocket.close", "code": 1000}]
+
+
+async def test_a_send_after_the_close_began_is_dropped_not_raised(settings):
+    """The client went away (its close handshake begun or done) while a
+    reply streamed to it: the frames that follow are dropped quietly."""
+    sent, handle_reply = recording_reply()
+    socket = FakeWebSocket(unsent=0)
+    for state in (FakeWebSocket.STATE_CLOSING, FakeWebSocket.STATE_CLOSED):
+        socket.state = state
+        await handle_reply(None, socket, HI)
+    assert sent == []
 
 
 # Item 1 against a real daphne: the attack of the issue, repeated.
@@ -382,12 +401,6 @@ def test_csrf_trusted_origins_are_allowed_too_with_wildcard_subdomains(settings)
     assert not origin_allowed(scope, "https://example.org.evil.example")
 
 
-def site_socket(**headers: str) -> WebsocketCommunicator:
-    """A handshake through the whole site (chatsite.asgi), auth and all."""
-    pairs = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    return WebsocketCommunicator(application, "/ws/chat/", headers=pairs)
-
-
 async def cookie_socket(user, **headers: str) -> WebsocketCommunicator:
     client = await sync_to_async(logged_in)(user)
     return site_socket(Cookie=f"sessionid={client.cookies['sessionid'].value}", **headers)
@@ -420,31 +433,6 @@ async def test_a_cookie_socket_from_the_sites_own_page_is_let_in(alice):
 
 
 # Item 4: sockets end with the sign-in they were opened with.
-
-SITE = {"Host": "127.0.0.1:8000", "Origin": "http://127.0.0.1:8000"}
-
-
-async def open_socket(communicator):
-    connected, _ = await communicator.connect()
-    assert connected
-    assert (await communicator.receive_json_from(timeout=10))["type"] == "ready"
-    return communicator
-
-
-async def session_socket(client):
-    """A cookie socket for a test client's session, from the site's page."""
-    cookie = f"sessionid={client.cookies['sessionid'].value}"
-    return await open_socket(site_socket(Cookie=cookie, **SITE))
-
-
-async def token_socket(user):
-    _, plain = await sync_to_async(ApiToken.issue)(user, "script")
-    return await open_socket(site_socket(Authorization=f"Bearer {plain}"))
-
-
-async def answers(ws) -> bool:
-    await ws.send_json_to({"type": "ping", "id": "still"})
-    return await ws.receive_json_from(timeout=5) == {"type": "pong", "id": "still"}
 
 
 async def signed_out(ws) -> bool:

@@ -8,7 +8,7 @@ from django.conf import settings as django_settings
 from django.contrib.auth import get_user_model
 from django.urls import resolve, reverse
 
-from conversations.models import TITLE_LENGTH, Conversation, Message
+from conversations.models import TITLE_LENGTH, Conversation, Feedback, Message
 from tests.helpers import PASSWORD
 
 pytestmark = pytest.mark.django_db
@@ -78,6 +78,7 @@ def test_chat_page_gives_the_script_the_server_limits(alice_client):
         "max_content": django_settings.CHAT_MAX_CONTENT,
         "max_title": TITLE_LENGTH,
         "max_model": Conversation._meta.get_field("model").max_length,
+        "max_comment": Feedback._meta.get_field("comment").max_length,
     }
 
 

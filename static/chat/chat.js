@@ -13,6 +13,7 @@ import { installMessages, updateEmptyState } from "./messages.js";
 import { els, root, state } from "./page.js";
 import { pending, socket } from "./requests.js";
 import { installScroll } from "./scroll.js";
+import { installSearch, revealFromAddress } from "./search.js";
 import { installSettings } from "./settings.js";
 import { installSidebar, markActive, updateSidebarEmpty } from "./sidebar.js";
 import { handleFrame, openConversation, showSavedMessages, subscribe } from "./stream.js";
@@ -54,6 +55,7 @@ installMessages({ regenerate });
 installComposer();
 installSettings();
 installSidebar({ open: openConversation });
+installSearch({ open: openConversation });
 
 // A request the server never answers must not leave the composer locked.
 setInterval(() => {
@@ -75,4 +77,5 @@ updateComposer();
 refreshRelativeTimes(els.list);
 autoGrow();
 els.prompt.focus();
+revealFromAddress();
 socket.start();

@@ -22,6 +22,7 @@ class Msg {
     this.timing = null;
     this.error = null;
     this.finishReason = "";
+    this.feedback = null; // {rating: "up"|"down", comment}, as the server last said
     this.reasoningToggledByUser = false;
     this.view = role === "assistant" ? new MarkdownView($(".content", el)) : null;
   }
@@ -106,6 +107,8 @@ export function applyMessage(msg, { reset = false } = {}) {
   $(".reasoning-label", el).textContent = LIVE.has(msg.status) && !msg.content ? "Thinking…" : "Thinking";
   if (!msg.reasoningToggledByUser) details.open = LIVE.has(msg.status) && !msg.content;
 
+  showWaiting(msg);
+
   $(".meta-model", el).textContent = msg.model || "";
   const usage = msg.usage || {};
   const timing = msg.timing || {};
@@ -126,7 +129,57 @@ export function applyMessage(msg, { reset = false } = {}) {
     detailEl.textContent = detail;
     detailEl.hidden = !detail;
   }
+  showFeedback(msg);
   scheduleRender(msg);
+}
+
+/** A reply's thumbs, pressed as its feedback stands: on finished replies with an answer to rate
+ *  (a reply that failed before any text offers only Retry). */
+export function showFeedback(msg) {
+  if (msg.role !== "assistant") return;
+  const box = $(".feedback", msg.el);
+  box.hidden = LIVE.has(msg.status) || (!msg.content && !msg.feedback);
+  const rating = msg.feedback ? msg.feedback.rating : null;
+  for (const button of box.querySelectorAll("button.rate")) {
+    button.setAttribute("aria-pressed", String(button.dataset.rating === rating));
+  }
+  $(".feedback-comment-open", box).hidden = !rating;
+  const form = $(".feedback-comment", msg.el);
+  if (!rating) form.hidden = true;
+  // The box follows the server (another tab's comment), but never overwrites
+  // what the user has begun to type in it.
+  const comment = $("textarea", form);
+  const typing = document.activeElement === comment && comment.value !== (comment.dataset.shown ?? "");
+  if (typing) return;
+  comment.value = msg.feedback ? msg.feedback.comment : "";
+  comment.dataset.shown = comment.value;
+}
+
+/** A `feedback` field or frame as the page keeps it: null unless it holds a rating. */
+export function normaliseFeedback(feedback) {
+  if (!feedback || (feedback.rating !== "up" && feedback.rating !== "down")) return null;
+  return { rating: feedback.rating, comment: typeof feedback.comment === "string" ? feedback.comment : "" };
+}
+
+/** Rate a reply (or, rating null, take the rating back): shown at once, put right by the server's answer. */
+function sendFeedback(msg, rating, comment = "") {
+  const conversation = state.current;
+  const id = pending.add("feedback", { type: "feedback", conversation, message: msg.id, previous: msg.feedback });
+  msg.feedback = rating ? { rating, comment } : null;
+  showFeedback(msg);
+  const frame = { type: "feedback", id, conversation, message: msg.id, rating };
+  pending.transmit(rating ? { ...frame, comment } : frame);
+}
+
+function openComment(msg) {
+  const form = $(".feedback-comment", msg.el);
+  form.hidden = false;
+  $("textarea", form).focus();
+}
+
+/** Between `start` and the first delta the model may be loading or reading a long prompt: say so. */
+export function showWaiting(msg) {
+  $(".waiting", msg.el).hidden = !(LIVE.has(msg.status) && msg.seq === 0);
 }
 
 function setMeta(el, text) {
@@ -229,6 +282,20 @@ export function installMessages({ regenerate }) {
         flashButton(button, await copyText(msg.content));
       } else if (button === replyActions.regenerate || button === replyActions.retry) {
         regenerate();
+      } else if (button.classList.contains("rate") && msg) {
+        // Pressing the pressed thumb again takes the rating back.
+        const rating = button.dataset.rating;
+        if (msg.feedback && msg.feedback.rating === rating) {
+          sendFeedback(msg, null);
+        } else {
+          sendFeedback(msg, rating, msg.feedback ? msg.feedback.comment : "");
+          openComment(msg);
+        }
+      } else if (button.classList.contains("feedback-comment-open") && msg) {
+        openComment(msg);
+      } else if (button.classList.contains("feedback-comment-close")) {
+        button.closest(".feedback-comment").hidden = true;
+        $(".feedback-comment-open", article)?.focus();
       }
       return;
     }
@@ -237,5 +304,17 @@ export function installMessages({ regenerate }) {
       const msg = state.messages.get(summary.closest(".message")?.dataset.id);
       if (msg) msg.reasoningToggledByUser = true;
     }
+  });
+
+  els.messages.addEventListener("submit", (event) => {
+    const form = event.target.closest(".feedback-comment");
+    if (!form) return;
+    event.preventDefault();
+    const msg = state.messages.get(form.closest(".message")?.dataset.id);
+    if (!msg || !msg.feedback) return;
+    const comment = $("textarea", form);
+    sendFeedback(msg, msg.feedback.rating, comment.value.trim());
+    form.hidden = true;
+    $(".feedback-comment-open", msg.el).focus();
   });
 }

@@ -27,6 +27,7 @@ export const els = {
   noticeText: $("#notice-text"),
   noticeLink: $("#notice-link"),
   noticeDismiss: $("#notice-dismiss"),
+  reviewNotice: $("#review-notice"),
   composer: $("#composer"),
   prompt: $("#prompt"),
   send: $("#send"),
@@ -56,6 +57,7 @@ export const config = {
   maxContent: Number(data.maxContent),
   maxTitle: Number(data.maxTitle),
   chatUrl: data.urlChat,
+  searchUrl: data.urlSearch,
 };
 
 // Each URL template is reversed by Django with this placeholder for the conversation's id.
@@ -65,9 +67,11 @@ const URL_TEMPLATES = {
   rename: data.urlRename,
   delete: data.urlDelete,
   settings: data.urlSettings,
+  export_markdown: data.urlExportMarkdown,
+  export_json: data.urlExportJson,
 };
 
-/** The URL of one of a conversation's pages or endpoints: "conversation", "rename", "delete" or "settings". */
+/** The URL of one of a conversation's pages or endpoints: a key of URL_TEMPLATES. */
 export const conversationUrl = (id, kind = "conversation") => URL_TEMPLATES[kind].replace(PLACEHOLDER, id);
 
 const escapeRegExp = (text) => text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");

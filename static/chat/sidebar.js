@@ -41,6 +41,7 @@ export function upsertConversation(conv) {
     li = els.tplConversation.content.firstElementChild.cloneNode(true);
     li.dataset.id = conv.id;
     $(".conversation-link", li).href = conversationUrl(conv.id);
+    for (const link of li.querySelectorAll("a[data-url-kind]")) link.href = conversationUrl(conv.id, link.dataset.urlKind);
   }
   showItemTitle(li, conv.title);
   if (conv.model) li.dataset.model = conv.model;

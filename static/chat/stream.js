@@ -12,13 +12,17 @@ import {
   clearMessages,
   collapseReasoningForAnswer,
   createMessage,
+  normaliseFeedback,
   removeMessage,
   renderNow,
   scheduleRender,
+  showFeedback,
+  showWaiting,
   updateEmptyState,
 } from "./messages.js";
 import { $, config, conversationUrl, els, LIVE, state } from "./page.js";
 import { pending, requestId, socket } from "./requests.js";
+import { showReviewNotice } from "./reviews.js";
 import { setSettingsStatus } from "./settings.js";
 import {
   findConversationItem,
@@ -147,6 +151,7 @@ const HANDLERS = {
       msg.timing = snap.timing || null;
       msg.error = normaliseError(snap.error, snap.status);
       msg.finishReason = snap.finish_reason || "";
+      msg.feedback = normaliseFeedback(snap.feedback);
       applyMessage(msg, { reset: true });
     }
     if (snap.role === "assistant" && LIVE.has(msg.status)) pending.replyStarted(state.current);
@@ -179,6 +184,7 @@ const HANDLERS = {
     if (!Number.isInteger(seq) || seq <= msg.seq) return; // already contained in what we hold
     if (seq > msg.seq + 1) return resync();
     msg.seq = seq;
+    showWaiting(msg);
     if (!LIVE.has(msg.status)) {
       msg.status = "streaming";
       msg.el.dataset.status = msg.status;
@@ -205,6 +211,9 @@ const HANDLERS = {
     msg.error = normaliseError(frame.error, msg.status);
     msg.finishReason = frame.finish_reason || "";
     applyMessage(msg);
+    // The last deltas wait for the next animation frame; a reply marked
+    // finished must not show less than it holds, even for a frame.
+    renderNow();
     pending.replyStarted(state.current);
     updateComposer();
     if (msg.error && msg.error.code === "upstream_unavailable") setLlm("unavailable");
@@ -219,6 +228,16 @@ const HANDLERS = {
           : `Reply failed. ${explainError(msg)}`,
     );
   }),
+
+  feedback(frame) {
+    // The answer to our own rating, or another tab's: the reply's feedback as it now stands.
+    pending.delete(frame.id);
+    if (frame.conversation !== state.current || !frame.message) return;
+    const msg = state.messages.get(frame.message);
+    if (!msg) return;
+    msg.feedback = normaliseFeedback(frame.feedback);
+    showFeedback(msg);
+  },
 
   error(frame) {
     const entry = pending.get(frame.id);
@@ -244,6 +263,14 @@ const HANDLERS = {
         openConversation(null, { replace: true });
         showNotice(text);
       }
+    } else if (entry.type === "feedback") {
+      // The rating shown at once did not take: show it as it was.
+      const msg = entry.conversation === state.current ? state.messages.get(entry.message) : null;
+      if (msg) {
+        msg.feedback = entry.previous;
+        showFeedback(msg);
+      }
+      showNotice(text);
     } else if (entry.type === "stop" && frame.code === "not_found") {
       // Nothing was running any more: not worth bothering the user.
     } else {
@@ -297,6 +324,7 @@ export function openConversation(id, { push = true, replace = false } = {}) {
   state.systemLoaded = !id;
   clearMessages();
   hideNotice();
+  showReviewNotice(id);
   setSettingsStatus("");
   const li = findConversationItem(id);
   if (id) {
