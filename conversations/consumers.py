@@ -3,6 +3,7 @@ frame (protocol.py), check permission, hand off to the models and to
 replies.py. What the socket holds of each live reply is in tracking.py."""
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -246,25 +247,89 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def on_subscribe(self, frame: dict, request_id: str | None) -> None:
         conversation = await self.own_conversation(frame)
-        conversation_id = str(conversation.pk)
         # Replaying a whole conversation the socket already holds, on every
         # subscribe, let one socket grow the server by gigabytes.
-        unchanged = conversation_id in self.up_to_date
+        unchanged = str(conversation.pk) in self.up_to_date
         # Join the group first: every delta after the snapshots below
         # reaches us, and self.held drops the ones the snapshots already hold.
         await self.subscribe(conversation)
-        visible = conversation.visible_messages()
-        if unchanged:
-            visible = visible.filter(status__in=Message.LIVE_STATUSES)
+        await self.replay(conversation, request_id, only_live=unchanged)
+
+    async def on_edit(self, frame: dict, request_id: str | None) -> None:
+        request = protocol.edit_request(frame)
+        await self.check_rate()
+        if request.model is not None and not await llm.model_exists(request.model):
+            raise protocol.model_not_found(request.model)
+        default_model = await llm.default_model()
+        try:
+            turn = await database_sync_to_async(Conversation.objects.begin_edit)(
+                self.user, request, default_model
+            )
+        except Conversation.DoesNotExist:
+            raise FrameError(ErrorCode.NOT_FOUND, protocol.NOT_FOUND_TEXT) from None
+        except Message.DoesNotExist:
+            raise FrameError(ErrorCode.NOT_FOUND, protocol.NO_SUCH_MESSAGE_TEXT) from None
+        except Busy:
+            raise FrameError(ErrorCode.BUSY, protocol.BUSY_TEXT) from None
+        conversation = turn.conversation
+        await self.subscribe(conversation)
+        if turn.changed:
+            await replies.broadcast(conversation.pk, protocol.conversation_frame(conversation))
+        await self.show_path(conversation, request_id, new_reply=turn.reply)
+        self.start_reply(conversation, turn.reply, request_id)
+
+    async def on_switch(self, frame: dict, request_id: str | None) -> None:
+        _, message_id = protocol.switch_request(frame)
+        conversation = await self.own_conversation(frame)
+        try:
+            await database_sync_to_async(conversation.switch)(message_id)
+        except Message.DoesNotExist:
+            raise FrameError(ErrorCode.NOT_FOUND, protocol.NO_SUCH_MESSAGE_TEXT) from None
+        await self.subscribe(conversation)
+        await self.show_path(conversation, request_id)
+
+    async def show_path(
+        self, conversation: Conversation, request_id: str | None, new_reply: Message | None = None
+    ) -> None:
+        """Answer an edit or a switch with the new active path, and have
+        every other socket subscribed to the conversation, in any process,
+        replay it too: two tabs stay on the same branch."""
+        await replies.broadcast_path(conversation.pk, skip=self.channel_name)
+        await self.replay(conversation, request_id, with_path=True, new_reply=new_reply)
+
+    async def replay(
+        self,
+        conversation: Conversation,
+        request_id: str | None,
+        *,
+        only_live: bool = False,
+        with_path: bool = False,
+        new_reply: Message | None = None,
+    ) -> None:
+        """Send the conversation and its active path: each message as it is
+        now (a live reply from the process writing it), oldest first; or,
+        only_live, the replies of the path still in progress. A live reply
+        off the path is not this socket's to show until a switch brings it
+        back: its events are dropped. new_reply, just made, is sent as it
+        was saved (its writer has not started yet)."""
+        conversation_id = str(conversation.pk)
+        messages, off_path = await database_sync_to_async(conversation.replay)(only_live)
+        if only_live:
             answer: Any = protocol.resubscribed_frame(conversation)
+        elif with_path:
+            answer = protocol.path_frame(conversation, [m.pk for m in messages])
         else:
             answer = protocol.conversation_frame(conversation)
+        for message_id in off_path:
+            self.held.ignore(str(message_id), conversation_id)
         await self.send_frame(answer, request_id)
-        # A lambda, as the stubs reject database_sync_to_async(list)(...).
-        messages = await database_sync_to_async(lambda: list(visible))()
         try:
             for message in messages:
-                await self.send_frame(await self.current_frame(message), request_id)
+                if new_reply is not None and message.pk == new_reply.pk:
+                    snapshot: Any = protocol.message_frame(conversation_id, message.as_frame())
+                else:
+                    snapshot = await self.current_frame(message)
+                await self.send_frame(snapshot, request_id)
         except Message.DoesNotExist:
             # The conversation was deleted while it was replayed (a `deleted`
             # frame follows): answer as if it had been gone before.
@@ -302,6 +367,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         "unsubscribe": on_unsubscribe,
         "ping": on_ping,
         "feedback": on_feedback,
+        "edit": on_edit,
+        "switch": on_switch,
     }
 
     # Helpers.
@@ -349,7 +416,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 await sync_to_async(replies.drop_broken_connection)()
 
     async def look_again(self, message_id: str) -> None:
-        message = await Message.objects.select_related("feedback").filter(pk=message_id).afirst()
+        message = await database_sync_to_async(Message.objects.for_frame)(message_id)
         try:
             if message is not None:
                 await self.send_frame(await self.current_frame(message))
@@ -424,6 +491,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         if conversation_id is not None and conversation_id not in self.subscriptions:
             return  # arrived after an unsubscribe
+        about = frame.get("message")
+        if self.held.is_ignored(about.get("id") if isinstance(about, dict) else about):
+            # A reply off the active path (issue 13): it goes on, unseen
+            # here, until a switch replays it.
+            if frame["type"] == "end":
+                self.held.release(frame["message"])
+            return
         if frame["type"] == "start":
             # Starts and deltas come only by replies.broadcast(), which names
             # the conversation; a direct event to one socket is an error.
@@ -451,6 +525,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         show it in its sidebar, whether subscribed to it or not."""
         self.up_to_date.discard(event["conversation"])
         await self.send_frame(event["frame"])
+
+    async def chat_path(self, event: dict) -> None:
+        """Another socket edited or switched a conversation this one is
+        subscribed to: replay its new active path here too."""
+        conversation_id = event["conversation"]
+        if event.get("skip") == self.channel_name or conversation_id not in self.subscriptions:
+            return
+        mine = Conversation.objects.for_user(self.user)
+        conversation = await mine.filter(pk=conversation_id).afirst()
+        if conversation is None:
+            return  # deleted meanwhile: its `deleted` frame follows
+        with contextlib.suppress(FrameError):  # deleted while replayed, as above
+            await self.replay(conversation, None, with_path=True)
 
     async def chat_deleted(self, event: dict) -> None:
         if await self.leave(event["conversation"]):

@@ -22,12 +22,15 @@ from .protocol import (
     MAX_COMMENT,
     MAX_MODEL,
     NOT_FINISHED_TEXT,
+    ONLY_QUESTIONS_TEXT,
     ONLY_REPLIES_TEXT,
+    EditRequest,
     ErrorCode,
     SendRequest,
     bad_request,
     too_many_replies,
 )
+from .tree import Node, Tree
 
 TITLE_LENGTH = 80
 CODE_FENCE = re.compile(r"```[\w+-]*")
@@ -147,6 +150,31 @@ class ConversationQuerySet(models.QuerySet):
         assert user_message is not None
         return Turn(conversation, created, changed, user_message, reply)
 
+    @transaction.atomic
+    def begin_edit(self, user, request: "EditRequest", default_model: str) -> "Turn":
+        """An `edit`: a new version of one of the user's messages, and the
+        reply row to stream the answer to it into. DoesNotExist (of the
+        conversation or the message) if either is not the user's; a
+        bad_request FrameError for a message that is not the user's own
+        words; Busy while the conversation has a reply in progress."""
+        lock_turns(user.pk)
+        conversation, _, changed = self.for_send(
+            user,
+            request.conversation,
+            model=request.model,
+            system=None,
+            options=request.options,
+            default_model=default_model,
+        )
+        editing = conversation.messages.get(pk=request.message)
+        if editing.role != Message.Role.USER:
+            raise bad_request(ONLY_QUESTIONS_TEXT)
+        user_message, reply, _ = conversation.start_turn(
+            request.content, conversation.model, conversation.options, editing=editing
+        )
+        assert user_message is not None
+        return Turn(conversation, False, changed, user_message, reply)
+
 
 class Busy(Exception):
     """A reply is already being written in this conversation."""
@@ -189,6 +217,11 @@ class Conversation(models.Model):
     options = models.JSONField(default=dict, blank=True)
     created = models.DateTimeField(default=timezone.now, editable=False)
     updated = models.DateTimeField(default=timezone.now)
+    # The leaf of the active path (issue 13): the branch the page shows,
+    # subscribe sends and the model is asked along.
+    active = models.ForeignKey(
+        "Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     objects = ConversationQuerySet.as_manager()
 
@@ -210,25 +243,89 @@ class Conversation(models.Model):
             "system": self.system_prompt,
             "created": self.created.isoformat(),
             "updated": self.updated.isoformat(),
+            "active": str(self.active_id) if self.active_id else None,
         }
 
     def visible_messages(self) -> models.QuerySet["Message"]:
-        # With their feedback, which their frames carry (Message.as_frame).
+        """The active path, oldest first: `superseded` is kept true of every
+        message off it (set_active), so one indexed filter finds the path.
+        With their feedback, which their frames carry (Message.as_frame)."""
         return (
             self.messages.filter(superseded=False)
             .select_related("feedback")
             .order_by("created", "pk")
         )
 
-    def history(self, budget: int | None = None) -> list[dict[str, str]]:
+    def tree(self) -> Tree:
+        """The shape of the conversation, in one query of three columns."""
+        rows = self.messages.order_by("created", "pk").values_list("id", "parent_id", "role")
+        return Tree(Node(*row) for row in rows)
+
+    def path(self, tree: Tree | None = None) -> list["Message"]:
+        """The messages of the active path, oldest first, each knowing its
+        versions (Message.siblings), for their frames."""
+        tree = tree or self.tree()
+        messages = list(self.visible_messages())
+        for message in messages:
+            message.sibling_ids = tree.siblings(message.pk)
+        return messages
+
+    def replay(self, only_live: bool = False) -> tuple[list["Message"], list[Any]]:
+        """What a subscribe sends: the active path (or only its replies in
+        progress), and the ids of the replies in progress off the path,
+        whose events a socket showing the path drops."""
+        tree = self.tree()
+        if only_live:
+            messages = list(self.visible_messages().filter(status__in=Message.LIVE_STATUSES))
+            for message in messages:
+                message.sibling_ids = tree.siblings(message.pk)
+        else:
+            messages = self.path(tree)
+        off_path = self.messages.filter(status__in=Message.LIVE_STATUSES, superseded=True)
+        return messages, list(off_path.values_list("pk", flat=True))
+
+    def active_leaf(self, tree: Tree) -> Any:
+        if self.active_id is not None and self.active_id in tree:
+            return self.active_id
+        return tree.newest_leaf()
+
+    def set_active(self, leaf: Any, tree: Tree) -> list[Any]:
+        """Make leaf's branch the active path; its ids, root first. Two
+        UPDATEs keep `superseded` true of exactly the messages off it."""
+        path = tree.path(leaf)
+        self.messages.filter(pk__in=path, superseded=True).update(superseded=False)
+        self.messages.filter(superseded=False).exclude(pk__in=path).update(superseded=True)
+        self.active_id = leaf
+        self.save(update_fields=["active"])
+        return path
+
+    @transaction.atomic
+    def switch(self, message_id: Any) -> list[Any]:
+        """Show another version of a message: the active leaf becomes the
+        newest leaf under it. The new path's ids, root first; DoesNotExist
+        if the message is not one of this conversation's. A reply in
+        progress goes on, on or off the path."""
+        Conversation.objects.select_for_update().filter(pk=self.pk).first()
+        tree = self.tree()
+        if message_id not in tree:
+            raise Message.DoesNotExist
+        return self.set_active(tree.newest_leaf_under(message_id), tree)
+
+    def history(self, budget: int | None = None, upto: Any = None) -> list[dict[str, str]]:
         """What the model is sent: the system prompt, then earlier user and
         finished assistant messages, oldest dropped first to fit the budget
         (in tokens, estimated at four characters each). Reasoning never goes
-        back to the model."""
+        back to the model. Along the active path, or, given upto (a message
+        id), along the branch from the root down to that message: a reply's
+        own branch, whatever the path is by the time it asks."""
         budget = settings.CHAT_CONTEXT_BUDGET if budget is None else budget
+        if upto is None:
+            branch = self.visible_messages()
+        else:
+            branch = self.messages.filter(pk__in=self.tree().path(upto)).order_by("created", "pk")
         turns = [
             {"role": m.role, "content": m.content}
-            for m in self.visible_messages().filter(
+            for m in branch.filter(
                 models.Q(role=Message.Role.USER)
                 | models.Q(
                     role=Message.Role.ASSISTANT,
@@ -324,9 +421,9 @@ class Conversation(models.Model):
 
     def reply_in_progress(self) -> "Message | None":
         return (
-            self.messages.filter(status__in=Message.LIVE_STATUSES, superseded=False)
-            .order_by("-created")
-            .first()
+            # On the active path or off it: a reply goes on when the user
+            # switches away, and one conversation never runs two at once.
+            self.messages.filter(status__in=Message.LIVE_STATUSES).order_by("-created").first()
         )
 
     def check_reply_caps(self) -> None:
@@ -343,51 +440,100 @@ class Conversation(models.Model):
 
     @transaction.atomic
     def start_turn(
-        self, content: str | None, model: str, options: dict[str, Any]
+        self,
+        content: str | None,
+        model: str,
+        options: dict[str, Any],
+        *,
+        editing: "Message | None" = None,
     ) -> tuple["Message | None", "Message", "Message | None"]:
         """Save the user's message (if any) and the reply row that will be
         streamed into, or raise Busy (or too_many_replies, or DoesNotExist
-        if the conversation was deleted meanwhile). Regenerating passes content=None: the
-        current last reply is marked superseded (and returned third) and a
-        new one written."""
+        if the conversation was deleted meanwhile). The new reply's branch
+        becomes the active path.
+        - send: content, after the active leaf;
+        - edit: content and editing (a user message): a new version of
+          that message, a sibling of it, with the old branch kept whole;
+        - regenerate: content=None: a new version of the reply to the last
+          user message of the path; the one it replaces is returned third,
+          now superseded (off the path)."""
         # Locks the conversation row on Postgres; SQLite serialises the
         # whole transaction (IMMEDIATE mode), so two sends cannot both pass.
         lock_turns(self.owner_id)
-        if Conversation.objects.select_for_update().filter(pk=self.pk).first() is None:
+        row = Conversation.objects.select_for_update().filter(pk=self.pk).first()
+        if row is None:
             # Deleted since it was read: the messages would be written into
             # a row that is gone, and fail only at COMMIT.
             raise Conversation.DoesNotExist
+        # The leaf as it is now, under the lock: another tab may have
+        # switched since this object was read.
+        self.active_id = row.active_id
         live = self.reply_in_progress()
         if live is not None and not (live.is_stale() and live.mark_interrupted()):
             raise Busy
         self.check_reply_caps()
-        user_message = superseded = None
-        if content is not None:
-            user_message = self.messages.create(
-                role=Message.Role.USER, content=content, status=Message.Status.COMPLETE
-            )
+        appending = content is not None and editing is None
+        tree: Tree | None = None
+        if appending and self.active_id is not None:
+            leaf = self.active_id  # a send needs no more of the tree than that
         else:
-            visible = list(self.visible_messages().exclude(role=Message.Role.SYSTEM))
-            if not any(m.role == Message.Role.USER for m in visible):
+            tree = self.tree()
+            leaf = self.active_leaf(tree)
+        user_message = replaced = None
+        if content is not None:
+            parent = editing.parent_id if editing is not None else leaf
+            user_message = Message(
+                conversation=self,
+                role=Message.Role.USER,
+                content=content,
+                status=Message.Status.COMPLETE,
+                parent_id=parent,
+            )
+            user_message.starts_tree = parent is None
+            user_message.save(force_insert=True)
+            parent = user_message.pk
+        else:
+            assert tree is not None
+            path = [tree.nodes[m] for m in tree.path(leaf)]
+            asked = [node for node in path if node.role == Message.Role.USER]
+            if not asked:
                 raise NothingToAnswer
-            if visible[-1].role == Message.Role.ASSISTANT:
-                superseded = visible[-1]
-                superseded.superseded = True
-                superseded.save(update_fields=["superseded"])
+            parent = asked[-1].id
+            if path[-1].role == Message.Role.ASSISTANT:
+                replaced = self.messages.select_related("feedback").get(pk=path[-1].id)
         reply = self.messages.create(
             role=Message.Role.ASSISTANT,
             status=Message.Status.STREAMING,
             model=model,
             options=options,
             system_prompt=self.system_prompt,
+            parent_id=parent,
         )
-        fields = ["updated"]
+        if tree is None:
+            # The path grows by two at its end, under a leaf: nothing leaves
+            # it, and neither new message has another version.
+            self.active_id = reply.pk
+            fields = ["updated", "active"]
+            assert user_message is not None
+            user_message.sibling_ids = [user_message.pk]
+            reply.sibling_ids = [reply.pk]
+        else:
+            if user_message is not None:
+                tree.add(Node(user_message.pk, user_message.parent_id, Message.Role.USER))
+            tree.add(Node(reply.pk, parent, Message.Role.ASSISTANT))
+            self.set_active(reply.pk, tree)
+            fields = ["updated"]
+            for message in (user_message, reply, replaced):
+                if message is not None:
+                    message.sibling_ids = tree.siblings(message.pk)
+        if replaced is not None:
+            replaced.superseded = True
         self.updated = timezone.now()
         if not self.title and content:
             self.title = self.title_from(content)
             fields.append("title")
         self.save(update_fields=fields)
-        return user_message, reply, superseded
+        return user_message, reply, replaced
 
 
 @dataclass(frozen=True)
@@ -462,6 +608,14 @@ class MessageQuerySet(models.QuerySet):
             mine = mine.filter(content__icontains=term)
         return mine.order_by("-created")
 
+    def for_frame(self, pk: Any) -> "Message | None":
+        """One message as its frame needs it: with its feedback and its
+        versions. Sync: call it through database_sync_to_async."""
+        message = cast("Message | None", self.select_related("feedback").filter(pk=pk).first())
+        if message is not None:
+            message.siblings()
+        return message
+
     def running(self) -> "MessageQuerySet":
         """Replies being written now: live, and not silent past the
         dead-writer limit (a reply whose process died stops counting
@@ -505,6 +659,11 @@ class Message(models.Model):
     conversation = models.ForeignKey(
         Conversation, on_delete=models.CASCADE, related_name="messages"
     )
+    # The turn this message follows (None for the first): versions of a
+    # message share a parent (conversations/tree.py).
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children"
+    )
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True)
     reasoning = models.TextField(blank=True)
@@ -535,6 +694,8 @@ class Message(models.Model):
     # The number of deltas this reply had sent when the row was last saved;
     # clients use it to join a stream without gaps or repeats.
     seq = models.PositiveIntegerField(default=0)
+    # Off the active path: an older version, or on a branch not shown. The
+    # name is protocol v1's, from when only regenerated replies left it.
     superseded = models.BooleanField(default=False)
     created = models.DateTimeField(default=timezone.now, editable=False)
     updated = models.DateTimeField(default=timezone.now)
@@ -547,6 +708,32 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:60]}"
+
+    # Set on a new message whose parent is None on purpose (a new version
+    # of a conversation's first message); see save().
+    starts_tree = False
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """A new message saved without a parent follows the active leaf, as
+        every message did before conversations were trees: code that adds
+        messages in order (imports, fixtures, the admin) makes a chain, and
+        a superseded one becomes a version beside the one that follows it
+        (the rule of migration 0008). Unless superseded, it becomes the
+        active leaf. start_turn places its messages itself."""
+        follows = self._state.adding and self.parent_id is None and not self.starts_tree
+        if follows:
+            leaf = Conversation.objects.filter(pk=self.conversation_id).values_list(
+                "active_id", flat=True
+            ).first() or (
+                Message.objects.filter(conversation_id=self.conversation_id, superseded=False)
+                .order_by("-created", "-pk")
+                .values_list("id", flat=True)
+                .first()
+            )
+            self.parent_id = leaf
+        super().save(*args, **kwargs)
+        if follows and not self.superseded:
+            Conversation.objects.filter(pk=self.conversation_id).update(active=self.pk)
 
     @property
     def is_live(self) -> bool:
@@ -611,6 +798,22 @@ class Message(models.Model):
         )
         return feedback
 
+    # The ids of this message's versions, oldest first, itself included, as
+    # loaded with it (Conversation.path(), start_turn, MessageQuerySet.
+    # for_frame): frames are built in async code too, which may not query.
+    sibling_ids: list[Any]
+
+    def siblings(self) -> list[Any]:
+        if not hasattr(self, "sibling_ids"):
+            self.sibling_ids = list(
+                Message.objects.filter(
+                    conversation_id=self.conversation_id, parent_id=self.parent_id, role=self.role
+                )
+                .order_by("created", "pk")
+                .values_list("id", flat=True)
+            )
+        return self.sibling_ids
+
     def cached_feedback(self) -> "Feedback | None":
         """The feedback as loaded with the message (select_related), never a
         query: frames are built in async code too, which may not make one."""
@@ -627,6 +830,8 @@ class Message(models.Model):
             "created": self.created.isoformat(),
             "seq": self.seq,
             "superseded": self.superseded,
+            "parent": str(self.parent_id) if self.parent_id else None,
+            "siblings": [str(m) for m in self.siblings()],
         }
         if self.role == self.Role.ASSISTANT:
             frame["usage"] = self.usage()

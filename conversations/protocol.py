@@ -29,7 +29,17 @@ MAX_MODEL = 200
 # Also the max_length of Feedback.comment.
 MAX_COMMENT = 2000
 # The client frame types, each handled by one consumer method.
-CLIENT_FRAMES = ("send", "stop", "regenerate", "subscribe", "unsubscribe", "ping", "feedback")
+CLIENT_FRAMES = (
+    "send",
+    "stop",
+    "regenerate",
+    "subscribe",
+    "unsubscribe",
+    "ping",
+    "feedback",
+    "edit",
+    "switch",
+)
 # A `feedback` frame's ratings, as Feedback.Rating names them (lower case).
 RATINGS = ("up", "down")
 OPTION_RANGES: dict[str, tuple[type, float, float]] = {
@@ -71,6 +81,8 @@ BUSY_TEXT = "A reply is still being written in this conversation."
 SERVER_ERROR_TEXT = "Something went wrong on the server; try again."
 NOTHING_TO_ANSWER_TEXT = "There is no message to answer in this conversation."
 NO_SUCH_REPLY_TEXT = "No such reply in this conversation."
+NO_SUCH_MESSAGE_TEXT = "No such message in this conversation."
+ONLY_QUESTIONS_TEXT = "Only your own messages can be edited; ask for another reply instead."
 ONLY_REPLIES_TEXT = "Only the assistant's replies can be rated."
 NOT_FINISHED_TEXT = "A reply can be rated once it has finished."
 
@@ -215,6 +227,41 @@ def feedback_request(frame: dict) -> FeedbackRequest:
     return FeedbackRequest(conversation, message, rating, comment)
 
 
+@dataclass(frozen=True)
+class EditRequest:
+    conversation: str
+    message: str  # the user message a new version is written of
+    content: str
+    model: str | None
+    options: dict[str, Any] | None
+
+
+def edit_request(frame: dict) -> EditRequest:
+    """An `edit`: the same rules as a `send` for its text, model and
+    options; no system prompt (the conversation's stays)."""
+    conversation = conversation_id(frame)
+    message = message_id(frame)
+    asked = send_request({**frame, "system": None})
+    return EditRequest(conversation, message, asked.content, asked.model, asked.options)
+
+
+def switch_request(frame: dict) -> tuple[str, str]:
+    """A `switch`: (conversation, message)."""
+    return conversation_id(frame), message_id(frame)
+
+
+def message_id(frame: dict) -> str:
+    """The message a frame names; like conversation ids, a string that is
+    not a UUID names no message: not_found."""
+    value = frame.get("message")
+    if not isinstance(value, str):
+        raise bad_request("message must be a message id.")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise FrameError(ErrorCode.NOT_FOUND, NO_SUCH_MESSAGE_TEXT) from None
+
+
 def conversation_id(frame: dict) -> str:
     """The conversation a frame is about; a well-formed id that is not a
     UUID names no conversation, so it is not_found like any unknown one."""
@@ -327,6 +374,8 @@ class StartFrame(TypedDict):
     conversation: str
     message: str
     model: str
+    parent: str | None
+    siblings: list[str]
 
 
 class DeltaFrame(TypedDict):
@@ -380,12 +429,14 @@ def message_frame(conversation_id: Any, message: dict[str, Any]) -> MessageFrame
     return {"type": "message", "conversation": str(conversation_id), "message": message}
 
 
-def start_frame(conversation_id: Any, message_id: Any, model: str) -> StartFrame:
+def start_frame(reply: "Message") -> StartFrame:
     return {
         "type": "start",
-        "conversation": str(conversation_id),
-        "message": str(message_id),
-        "model": model,
+        "conversation": str(reply.conversation_id),
+        "message": str(reply.pk),
+        "model": reply.model,
+        "parent": str(reply.parent_id) if reply.parent_id else None,
+        "siblings": [str(m) for m in reply.siblings()],
     }
 
 
@@ -469,6 +520,14 @@ def frames_rate_limited(retry_after: int) -> FrameError:
     unit = "second" if retry_after == 1 else "seconds"
     message = f"Too many frames on this socket; wait {retry_after} {unit} and try again."
     return FrameError(ErrorCode.RATE_LIMITED, message, retry_after)
+
+
+def path_frame(conversation: "Conversation", path: list[Any]) -> dict[str, Any]:
+    """The answer to an `edit` or a `switch`, to every subscriber: the
+    conversation with its new active leaf and the ids of the path, root
+    first; the path's messages follow as `message` frames. A client drops
+    what it shows that is not on the path."""
+    return {**conversation_frame(conversation), "path": [str(m) for m in path]}
 
 
 def resubscribed_frame(conversation: "Conversation") -> dict[str, Any]:

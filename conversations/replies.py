@@ -109,6 +109,15 @@ async def broadcast(
     await channel_layer().group_send(conversation_group(conversation_id), event)
 
 
+async def broadcast_path(conversation_id: Any, skip: str | None = None) -> None:
+    """Every socket subscribed to the conversation, in any process (but
+    skip), replays its active path: an edit or a switch changed it."""
+    event = {"type": "chat.path", "conversation": str(conversation_id)}
+    if skip is not None:
+        event["skip"] = skip
+    await channel_layer().group_send(conversation_group(conversation_id), event)
+
+
 async def announce_deleted(conversation_id: str) -> None:
     """Every socket subscribed to the conversation, in any process, is told
     it is gone and leaves it."""
@@ -178,15 +187,22 @@ async def current(message: Message) -> dict[str, Any]:
         frame = await snapshot(message.conversation_id, message.pk)
         if frame is not None:
             return frame
-        message = await Message.objects.select_related("feedback").aget(pk=message.pk)
+        message = await _reread(message.pk)
         if message.is_stale():
             if await database_sync_to_async(message.mark_interrupted)():
                 kept = protocol.message_frame(message.conversation_id, message.as_frame())
                 await broadcast(message.conversation_id, kept)
                 await broadcast(message.conversation_id, protocol.end_frame(message))
             else:  # its writer saved meanwhile: it is alive, or has ended
-                message = await Message.objects.select_related("feedback").aget(pk=message.pk)
+                message = await _reread(message.pk)
     return message.as_frame()
+
+
+async def _reread(message_id: Any) -> Message:
+    message = await database_sync_to_async(Message.objects.for_frame)(message_id)
+    if message is None:
+        raise Message.DoesNotExist
+    return message
 
 
 async def sweep_orphans_once() -> None:
@@ -252,7 +268,7 @@ class ReplyWriter:
         status, error = Message.Status.COMPLETE, None
         try:
             history = await database_sync_to_async(self._history)()
-            start = protocol.start_frame(self.conversation_id, self.message_id, self.message.model)
+            start = protocol.start_frame(self.message)
             await self._tell(self._broadcast(start), "start")
             self.started = time.monotonic()
             pump = asyncio.create_task(self._pump())
@@ -329,7 +345,8 @@ class ReplyWriter:
         await receive_uncancelled(listener)
 
     def _history(self) -> list[dict[str, str]]:
-        return Conversation.objects.get(pk=self.conversation_id).history()
+        conversation = Conversation.objects.get(pk=self.conversation_id)
+        return conversation.history(upto=self.message.parent_id)
 
     async def _stream(self, history: list[dict[str, str]]) -> None:
         options = dict(self.message.options or {})

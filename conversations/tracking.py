@@ -25,13 +25,24 @@ class HeldReplies:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.replies: dict[str, Held] = {}
+        # Live replies off the active path (issue 13): by conversation.
+        self.ignored: dict[str, str] = {}
 
     def __contains__(self, message_id: str) -> bool:
         return message_id in self.replies
 
     def hold(self, message_id: str, seq: int, conversation_id: str) -> None:
         """The socket now holds the reply up to seq (a snapshot, a delta)."""
+        self.ignored.pop(message_id, None)
         self.replies[message_id] = Held(conversation_id, seq, self.clock())
+
+    def ignore(self, message_id: str, conversation_id: str) -> None:
+        """A reply off the path the socket shows: its events are not for it."""
+        self.replies.pop(message_id, None)
+        self.ignored[message_id] = conversation_id
+
+    def is_ignored(self, message_id: str | None) -> bool:
+        return message_id is not None and message_id in self.ignored
 
     def started(self, message_id: str, conversation_id: str) -> None:
         # A snapshot taken after the start may already hold a later seq.
@@ -40,11 +51,15 @@ class HeldReplies:
 
     def release(self, message_id: str) -> None:
         self.replies.pop(message_id, None)
+        self.ignored.pop(message_id, None)
 
     def release_conversation(self, conversation_id: str) -> None:
         for message_id, held in list(self.replies.items()):
             if held.conversation_id == conversation_id:
                 del self.replies[message_id]
+        for message_id, ignored_in in list(self.ignored.items()):
+            if ignored_in == conversation_id:
+                del self.ignored[message_id]
 
     def heard(self, message_id: str) -> None:
         """The reply's writer is alive (a heartbeat)."""

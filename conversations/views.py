@@ -96,7 +96,7 @@ def _url_templates() -> dict[str, str]:
 def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpResponse:
     # The saved messages go into the page itself, so a reload shows them at
     # once instead of a blank conversation until the socket's snapshot.
-    saved = [m.as_frame() for m in conversation.visible_messages()] if conversation else []
+    saved = [m.as_frame() for m in conversation.path()] if conversation else []
     # When staff last opened each of the user's conversations (review.models).
     reviews = AccessLog.objects.notices_for(request.user)
     return render(

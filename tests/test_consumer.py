@@ -89,6 +89,8 @@ async def test_send_creates_conversation_saves_and_streams_reply(alice, fake_llm
         "conversation": conversation_id,
         "message": start["message"],
         "model": "fake",
+        "parent": user_frame["message"]["id"],
+        "siblings": [start["message"]],
     }
     assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
     assert streamed_text(frames) == expected_text("fake")

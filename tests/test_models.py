@@ -376,6 +376,7 @@ def test_conversation_frame_fields(chat):
         "system": "Be kind.",
         "created": chat.created.isoformat(),
         "updated": chat.updated.isoformat(),
+        "active": None,
     }
 
 

@@ -300,12 +300,22 @@ def test_delta_frame_carries_only_the_text_it_has():
     assert "reasoning" not in protocol.delta_frame(1, 2, 4, "yes", "")
 
 
-def test_start_frame():
-    assert protocol.start_frame(uuid.UUID(int=1), uuid.UUID(int=2), "fake") == {
+def test_start_frame_names_the_reply_its_parent_and_its_versions():
+    reply = Message(
+        id=uuid.UUID(int=2),
+        conversation_id=uuid.UUID(int=1),
+        parent_id=uuid.UUID(int=3),
+        model="fake",
+    )
+    reply.sibling_ids = [uuid.UUID(int=4), uuid.UUID(int=2)]
+
+    assert protocol.start_frame(reply) == {
         "type": "start",
         "conversation": str(uuid.UUID(int=1)),
         "message": str(uuid.UUID(int=2)),
         "model": "fake",
+        "parent": str(uuid.UUID(int=3)),
+        "siblings": [str(uuid.UUID(int=4)), str(uuid.UUID(int=2))],
     }
 
 
