@@ -1,11 +1,14 @@
 """Fixtures only; the helpers tests import are in tests/helpers.py."""
 
 import copy
+import math
+import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 
-from conversations import llm
+from conversations import llm, ratelimit
 from tests.fake_llm import FakeLLM
 from tests.helpers import PASSWORD, free_port
 
@@ -21,6 +24,18 @@ def own_cache(settings):
     key = "KEY_PREFIX" if settings.REDIS_URL else "LOCATION"
     caches["default"][key] = f"test-{uuid.uuid4().hex}"
     settings.CACHES = caches
+
+
+@pytest.fixture(autouse=True)
+def one_rate_window(monkeypatch):
+    """The send limit counts in fixed one-minute windows: a test that sends
+    up to CHAT_RATE_LIMIT and then once more saw the count start again
+    whenever the minute turned between its sends (seen in CI). In-process
+    tests count in the middle of one window, however long they take;
+    test_ratelimit.py passes its own times."""
+    now = time.time()
+    middle = math.floor(now / ratelimit.WINDOW) * ratelimit.WINDOW + ratelimit.WINDOW / 2
+    monkeypatch.setattr(ratelimit, "time", SimpleNamespace(time=lambda: middle))
 
 
 @pytest.fixture(autouse=True)
