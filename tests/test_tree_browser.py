@@ -1,9 +1,10 @@
 """Issue 13 in Chromium: edit a question, regenerate a reply and move
-between the versions with the previous and next buttons, the exact texts of every branch
-checked, by mouse and by keyboard; a reload shows the same branch; a
-switch keeps the message where it was on screen; a refused edit gives its
-text back. Plain `def` tests sharing test_browser.py's Chromium, contexts
-and site, as test_feedback_browser.py does.
+between the versions with the previous and next buttons, the exact texts
+of every branch checked, by mouse and by keyboard; a reload shows the
+same branch; a switch keeps the message where it was on screen; a reply
+goes on on a branch switched away from; a refused edit gives its text
+back. Plain `def` tests sharing test_browser.py's Chromium, contexts and
+site, as test_feedback_browser.py does.
 
 The fake model server's answer tells which branch the model was asked
 along: `fake:echo=1` says the branch's last question back, `fake:n=2`
@@ -294,3 +295,26 @@ def test_versions_and_the_editor_pass_axe(new_context, site, scheme):
     expect(user_message(page).get_by_label("Edit your message")).to_be_focused()
     assert_accessible(page)
     expect(answer(last_reply(page))).to_have_text(echoed(SECOND))
+
+
+def test_a_reply_goes_on_while_another_version_is_shown_and_comes_back_live(new_context, site):
+    page = new_context().new_page()
+    sign_up(page, site, unique("wanderer"))
+    choose_model(page, ECHO)
+    send(page, FIRST)
+    expect_shown(page, ("user", FIRST, ""), ("assistant", echoed(FIRST), ""))
+    slow = "fake:n=60,delay=0.1"
+    choose_model(page, slow)
+    edit(page, user_message(page), SECOND)
+    reply = last_reply(page)
+    expect(answer(reply)).to_contain_text("w2")
+
+    # Away while it is written: the first branch as it was…
+    user_message(page).get_by_role("button", name="Previous version").click()
+    expect_shown(page, ("user", FIRST, "Version 1 of 2"), ("assistant", echoed(FIRST), ""))
+    # …and back: the reply shown live, then whole.
+    user_message(page).get_by_role("button", name="Next version").click()
+    expect(user_message(page).locator(".content")).to_have_text(SECOND)
+    expect(last_reply(page)).to_have_attribute("data-status", "streaming")
+    expect(page.locator("#stop")).to_be_visible()
+    expect_shown(page, ("user", SECOND, "Version 2 of 2"), ("assistant", expected_text(slow), ""))
