@@ -288,12 +288,12 @@ const HANDLERS = {
         showFeedback(msg);
       }
       showNotice(text);
-    } else if (entry.type === "edit") {
-      editRefused(entry);
-      showNotice(text);
-    } else if (entry.type === "switch") {
-      switchRefused();
-      showNotice(text);
+    } else if (entry.type === "edit" || entry.type === "switch") {
+      if (entry.type === "edit") editRefused(entry);
+      else switchRefused();
+      // not_found here is most often about the message, which the friendly
+      // words (about the conversation) would get wrong; the server's say which.
+      showNotice(frame.code === "not_found" && frame.message ? frame.message : text);
     } else if (entry.type === "stop" && frame.code === "not_found") {
       // Nothing was running any more: not worth bothering the user.
     } else {
