@@ -18,6 +18,7 @@ import { installSettings } from "./settings.js";
 import { installSidebar, markActive, updateSidebarEmpty } from "./sidebar.js";
 import { handleFrame, openConversation, showSavedMessages, subscribe } from "./stream.js";
 import { fillModels, setConnection, setTitle } from "./toolbar.js";
+import { installVersions } from "./versions.js";
 
 socket.addEventListener("open", () => {
   setConnection("connected");
@@ -52,6 +53,7 @@ socket.addEventListener("frame", (event) => handleFrame(event.detail));
 installNotices();
 installScroll();
 installMessages({ regenerate });
+installVersions();
 installComposer();
 installSettings();
 installSidebar({ open: openConversation });

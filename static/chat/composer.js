@@ -6,6 +6,7 @@ import { scheduleRender, updateEmptyState } from "./messages.js";
 import { $, config, els, FAILED, LIVE, replyActions, state } from "./page.js";
 import { pending } from "./requests.js";
 import { setSidebar } from "./sidebar.js";
+import { setEditable } from "./versions.js";
 
 function isBusy() {
   for (const msg of state.messages.values()) {
@@ -21,6 +22,7 @@ export function updateComposer() {
   els.stop.hidden = !busy;
   els.messages.toggleAttribute("data-busy", busy);
   placeReplyActions(busy);
+  setEditable(!busy);
   if (state.wasBusy && !busy) {
     const active = document.activeElement;
     if (!active || active === document.body || active === els.stop) els.prompt.focus();

@@ -7,6 +7,7 @@ import { MarkdownView } from "./markdown.js";
 import { $, els, LIVE, FAILED, replyActions, state } from "./page.js";
 import { pending } from "./requests.js";
 import { followBottom } from "./scroll.js";
+import { forgetPath, showVersions } from "./versions.js";
 
 class Msg {
   constructor(id, role, el) {
@@ -23,6 +24,7 @@ class Msg {
     this.error = null;
     this.finishReason = "";
     this.feedback = null; // {rating: "up"|"down", comment}, as the server last said
+    this.siblings = [id]; // the ids of this message's versions, oldest first, itself included
     this.reasoningToggledByUser = false;
     this.view = role === "assistant" ? new MarkdownView($(".content", el)) : null;
   }
@@ -65,6 +67,7 @@ export function clearMessages() {
   els.messages.replaceChildren();
   state.replay = null;
   state.stick = true;
+  forgetPath();
   updateEmptyState();
 }
 
@@ -95,6 +98,7 @@ export function adoptUserBubble(snap, requestId) {
 export function applyMessage(msg, { reset = false } = {}) {
   const el = msg.el;
   el.dataset.status = msg.status;
+  showVersions(msg);
   if (msg.role === "user") {
     $(".content", el).textContent = msg.content; // never markdown: it is what the user typed
     return;

@@ -36,6 +36,8 @@ export const els = {
   tplConversation: $("#tpl-conversation"),
   tplUser: $("#tpl-user-message"),
   tplAssistant: $("#tpl-assistant-message"),
+  tplVersions: $("#tpl-versions"),
+  tplEditor: $("#tpl-message-editor"),
 };
 
 // One Regenerate and one Retry button for the whole page, moved to the last

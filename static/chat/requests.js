@@ -13,7 +13,7 @@ let requestCounter = 0;
 export const requestId = (kind) =>
   `${kind}-${Date.now().toString(36)}-${(requestCounter += 1)}-${Math.random().toString(36).slice(2, 8)}`;
 
-const startsReply = (entry) => entry.type === "send" || entry.type === "regenerate";
+const startsReply = (entry) => entry.type === "send" || entry.type === "regenerate" || entry.type === "edit";
 
 class PendingRequests {
   constructor(socket) {
@@ -89,7 +89,7 @@ class PendingRequests {
     }
   }
 
-  /** Whether a send or regenerate in `conversation` still waits for its reply to start. */
+  /** Whether a send, regenerate or edit in `conversation` still waits for its reply to start. */
   waitingForStart(conversation) {
     for (const entry of this.entries.values()) {
       if (startsReply(entry) && entry.awaitingStart && (entry.conversation || null) === conversation) return true;
@@ -102,7 +102,8 @@ class PendingRequests {
     for (const [id, entry] of this.entries) {
       if (startsReply(entry) && entry.conversation === conversation) {
         entry.awaitingStart = false;
-        if (entry.type === "regenerate" || entry.confirmed) this.entries.delete(id);
+        // A send's entry stays until its bubble is confirmed (adoptUserBubble).
+        if (entry.type !== "send" || entry.confirmed) this.entries.delete(id);
       }
     }
   }

@@ -20,6 +20,16 @@ export function followBottom() {
   els.jump.hidden = state.stick || distanceFromBottom() <= NEAR_BOTTOM_PX;
 }
 
+/** Put `el` `top` px below the top of the view, where the version it replaced stood;
+ *  the bottom is followed again only if that is where it leaves the reader. */
+export function placeAt(el, top) {
+  const s = els.scroller;
+  s.scrollTop += el.getBoundingClientRect().top - s.getBoundingClientRect().top - top;
+  lastScrollTop = s.scrollTop;
+  state.stick = distanceFromBottom() <= NEAR_BOTTOM_PX;
+  els.jump.hidden = state.stick;
+}
+
 export function installScroll() {
   els.scroller.addEventListener(
     "scroll",

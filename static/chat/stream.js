@@ -32,6 +32,7 @@ import {
   upsertConversation,
 } from "./sidebar.js";
 import { applyConversation, fillModels, setLlm, setTitle } from "./toolbar.js";
+import { editRefused, pathMessage, showPath, showVersions, switchRefused } from "./versions.js";
 
 export function subscribe(id) {
   const subId = requestId("sub");
@@ -76,6 +77,12 @@ const onScreen = (handler) => (frame) => {
   if (frame.conversation === state.current && frame.message) return handler(frame);
 };
 
+/** A `message` frame may be one of a new path's (versions.js), shown or not. */
+const onPath = (handler) => (frame) => {
+  handler(frame);
+  if (typeof frame.message.id === "string") pathMessage(frame.message.id);
+};
+
 const HANDLERS = {
   ready(frame) {
     if (frame.protocol !== undefined && frame.protocol !== 1) {
@@ -105,7 +112,13 @@ const HANDLERS = {
       const waiting = [...pending.values()].find((e) => e.type === "send" && !e.conversation && e.sent);
       if (waiting) adoptNewConversation(conv, waiting);
     }
-    if (conv.id === state.current) applyConversation(conv);
+    if (conv.id === state.current) {
+      applyConversation(conv);
+      // The answer to an edit or a switch, ours or another tab's: the new active path.
+      if (Array.isArray(frame.path)) showPath(frame.path.filter((id) => typeof id === "string"));
+    }
+    // A switch is answered; an edit waits on for its reply to start.
+    if (entry && entry.type === "switch") pending.delete(frame.id);
     if (entry && entry.type === "subscribe") {
       // A subscribe on a socket already subscribed replays only the live
       // replies: what else is on screen is still current, not stale.
@@ -125,7 +138,7 @@ const HANDLERS = {
     }
   },
 
-  message: onScreen((frame) => {
+  message: onScreen(onPath((frame) => {
     const snap = frame.message;
     if (snap.role === "system" || !snap.id) return;
     touchReplay(snap.id);
@@ -138,6 +151,7 @@ const HANDLERS = {
     let msg = state.messages.get(snap.id);
     if (!msg && snap.role === "user") msg = adoptUserBubble(snap, frame.id);
     if (!msg) msg = createMessage(snap.id, snap.role);
+    setSiblings(msg, snap.siblings);
     const held = msg.seq;
     const snapSeq = Number.isInteger(snap.seq) ? snap.seq : 0;
     // An older snapshot of a reply we already follow further adds nothing.
@@ -153,10 +167,12 @@ const HANDLERS = {
       msg.finishReason = snap.finish_reason || "";
       msg.feedback = normaliseFeedback(snap.feedback);
       applyMessage(msg, { reset: true });
+    } else {
+      showVersions(msg);
     }
     if (snap.role === "assistant" && LIVE.has(msg.status)) pending.replyStarted(state.current);
     updateComposer();
-  }),
+  })),
 
   start: onScreen((frame) => {
     touchReplay(frame.message);
@@ -164,6 +180,7 @@ const HANDLERS = {
     if (!msg) msg = createMessage(frame.message, "assistant");
     msg.status = "streaming";
     msg.model = frame.model || msg.model;
+    setSiblings(msg, frame.siblings);
     applyMessage(msg);
     pending.replyStarted(state.current);
     updateComposer();
@@ -271,6 +288,12 @@ const HANDLERS = {
         showFeedback(msg);
       }
       showNotice(text);
+    } else if (entry.type === "edit" || entry.type === "switch") {
+      if (entry.type === "edit") editRefused(entry);
+      else switchRefused();
+      // not_found here is most often about the message, which the friendly
+      // words (about the conversation) would get wrong; the server's say which.
+      showNotice(frame.code === "not_found" && frame.message ? frame.message : text);
     } else if (entry.type === "stop" && frame.code === "not_found") {
       // Nothing was running any more: not worth bothering the user.
     } else {
@@ -279,6 +302,11 @@ const HANDLERS = {
     updateComposer();
   },
 };
+
+/** A frame's `siblings`, when it has them (a v1 server's do not): the versions of `msg`. */
+function setSiblings(msg, siblings) {
+  if (Array.isArray(siblings)) msg.siblings = siblings.filter((id) => typeof id === "string");
+}
 
 export function handleFrame(frame) {
   const handler = HANDLERS[frame.type];
