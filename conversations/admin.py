@@ -13,12 +13,13 @@ from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from review.models import AccessLog, Flag
 
 from . import exports
 from .models import ApiToken, Conversation, Feedback, Message
+from .tree import Node, Tree
 
 if TYPE_CHECKING:  # django-stubs-ext is a dev requirement only
     from django_stubs_ext import WithAnnotations
@@ -127,6 +128,21 @@ class HasFeedbackFilter(admin.SimpleListFilter):
     def queryset(self, request, queryset):
         if self.value() in ("yes", "no"):
             return queryset.filter(has_feedback=self.value() == "yes")
+        return queryset
+
+
+class OnPathFilter(admin.SimpleListFilter):
+    """`superseded` by its meaning since conversations are trees."""
+
+    title = "on the active path"
+    parameter_name = "on_path"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "on the active path"), ("no", "other versions and branches")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return queryset.filter(superseded=self.value() == "no")
         return queryset
 
 
@@ -262,24 +278,69 @@ class ConversationAdmin(FlagActionMixin, ReadOnlyAdmin):
             conversation.stop_and_delete()
 
 
-def transcript(conversation: Conversation) -> list[dict[str, Any]]:
-    """The conversation's messages in order, regenerated replies included,
-    each with what the transcript page shows (escaped by its template)."""
-    rows = []
+# Versions are indented one step per fork above them, up to this many (the
+# stylesheet has a class for each): deeper forks stay readable by their
+# "version n of m" labels.
+MAX_LEVEL = 6
+
+
+def tree_order(tree: Tree) -> list[tuple[Any, int]]:
+    """Every message id of the tree, depth-first from the first message,
+    versions oldest first, each with its level: how many messages with
+    versions lie on its way from the root, itself included. A chain stays
+    at level 0 however long it is; each version starts a branch one level
+    in. Iterative, as a long conversation is a deep tree."""
+    order: list[tuple[Any, int]] = []
+    seen: set[Any] = set()
+    stack = [(root, 0) for root in reversed(tree.children.get(None, []))]
+    while stack:
+        message_id, level = stack.pop()
+        if message_id in seen:
+            continue
+        seen.add(message_id)
+        if len(tree.siblings(message_id)) > 1:
+            level += 1
+        order.append((message_id, level))
+        below = tree.children.get(message_id, [])
+        stack.extend((child, level) for child in reversed(below))
+    # A row whose parent chain was broken by hand is shown all the same,
+    # at the end: the transcript is every message.
+    order.extend((m, 0) for m in tree.nodes if m not in seen)
+    return order
+
+
+def transcript(conversation: Conversation) -> dict[str, Any]:
+    """Every message of the conversation as a tree (issue 13): in tree
+    order, each with its version label, its level and whether it is on the
+    active path (what the user sees), with what the transcript page shows
+    (escaped by its template). The tree is built from the same single query
+    as the messages, so the page takes the same queries however big the
+    tree is, and cannot show a tree and messages of two different moments."""
     open_flags = set(
         Flag.objects.open()
         .filter(conversation=conversation, message__isnull=False)
         .values_list("message_id", flat=True)
     )
-    messages_ = conversation.messages.order_by("created", "pk").select_related("feedback")
-    for message in messages_:
+    messages_ = list(conversation.messages.order_by("created", "pk").select_related("feedback"))
+    tree = Tree(Node(m.pk, m.parent_id, m.role) for m in messages_)
+    path = set(tree.path(conversation.active_leaf(tree)))
+    by_id = {message.pk: message for message in messages_}
+    rows = []
+    for message_id, level in tree_order(tree):
+        message = by_id[message_id]
         try:
             feedback: Feedback | None = message.feedback
         except Feedback.DoesNotExist:
             feedback = None
+        versions = tree.siblings(message_id)
         rows.append(
             {
                 "message": message,
+                "on_path": message_id in path,
+                "version": versions.index(message_id) + 1,
+                "versions": len(versions),
+                "level": level,
+                "indent": min(level, MAX_LEVEL),
                 "timing": message.timing(),
                 "options": json.dumps(message.options, indent=2, sort_keys=True)
                 if message.options
@@ -288,18 +349,25 @@ def transcript(conversation: Conversation) -> list[dict[str, Any]]:
                 "flagged": message.pk in open_flags,
             }
         )
-    return rows
+    return {
+        "rows": rows,
+        "branched": len(path) < len(rows),
+        "on_path": sum(row["on_path"] for row in rows),
+    }
 
 
 @admin.register(Message)
 class MessageAdmin(FlagActionMixin, ReadOnlyAdmin):
     list_display = ["__str__", "conversation_link", "role", "status", "model", "created"]
-    list_filter = ["role", "status", "model", "superseded"]
+    list_filter = ["role", "status", "model", OnPathFilter]
     search_fields = ["content", "conversation__title", "conversation__owner__username"]
     list_select_related = ["conversation"]
     fields = readonly_fields = (
         "id",
         "conversation_link",
+        "parent_link",
+        "versions",
+        "on_path",
         "role",
         "content",
         "reasoning",
@@ -311,7 +379,6 @@ class MessageAdmin(FlagActionMixin, ReadOnlyAdmin):
         "ttft_ms",
         "duration_ms",
         "seq",
-        "superseded",
         "created",
         "updated",
         "error_code",
@@ -335,6 +402,39 @@ class MessageAdmin(FlagActionMixin, ReadOnlyAdmin):
     def conversation_link(self, obj: Message) -> str:
         url = reverse("admin:conversations_conversation_change", args=[obj.conversation_id])
         return format_html('<a href="{}#message-{}">{}</a>', url, obj.pk, obj.conversation)
+
+    @admin.display(description="follows")
+    def parent_link(self, obj: Message) -> str:
+        if obj.parent is None:
+            return "- (the first message)"
+        url = reverse("admin:conversations_message_change", args=[obj.parent_id])
+        return format_html('<a href="{}">{}</a>', url, obj.parent)
+
+    @admin.display(description="version")
+    def versions(self, obj: Message) -> str:
+        # The versions of a message: an edited question's or a regenerated
+        # reply's others, each a link to its own page.
+        versions = obj.siblings()
+        if len(versions) < 2:
+            return "the only version"
+        links = format_html_join(
+            ", ",
+            '<a href="{}">{}</a>',
+            (
+                (reverse("admin:conversations_message_change", args=[pk]), number)
+                for number, pk in enumerate(versions, 1)
+                if pk != obj.pk
+            ),
+        )
+        return format_html(
+            "version {} of {} (the others: {})", versions.index(obj.pk) + 1, len(versions), links
+        )
+
+    @admin.display(description="on the active path", boolean=True)
+    def on_path(self, obj: Message) -> bool:
+        # `superseded` is kept true of exactly the messages off the path
+        # (Conversation.set_active); the name is protocol v1's.
+        return not obj.superseded
 
     def flags_for(self, queryset, reason: str, user) -> list[Flag]:
         return [

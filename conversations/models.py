@@ -307,6 +307,7 @@ class Conversation(models.Model):
         progress goes on, on or off the path."""
         Conversation.objects.select_for_update().filter(pk=self.pk).first()
         tree = self.tree()
+        message_id = uuid.UUID(str(message_id))  # the tree's ids are UUIDs
         if message_id not in tree:
             raise Message.DoesNotExist
         return self.set_active(tree.newest_leaf_under(message_id), tree)

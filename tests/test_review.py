@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -292,9 +293,12 @@ def test_the_transcript_shows_every_message_in_order_with_its_figures(admin_clie
     ] == ["First question", "Replaced answer", "Final answer"]
     user, replaced, final = articles
     assert "User" in user and "transcript-figures" not in user
-    assert "transcript-superseded" in replaced and "replaced (regenerated)" in replaced
+    # Two versions of the reply: the regenerated one is off the active path.
+    assert "transcript-superseded" in replaced and "not on the active path" in replaced
+    assert "version 1 of 2" in replaced
     assert "old-model" in replaced and "Stopped" in replaced
-    assert "transcript-superseded" not in final and "replaced" not in final
+    assert "transcript-superseded" not in final and "not on the active path" not in final
+    assert "version 2 of 2" in final and "transcript-active" in final
     assert "new-model" in final and "Complete" in final
     assert "12 in, 40 out" in final and "250 ms" in final and "20.0 tokens/s" in final
     assert '<details class="transcript-reasoning">' in final and "Thinking it over" in final
@@ -304,6 +308,178 @@ def test_the_transcript_shows_every_message_in_order_with_its_figures(admin_clie
     assert '<details class="transcript-system">' in final and "Be brief." in final
     # A transcript, not a grid of form fields.
     assert "<textarea" not in page and "tabular" not in page
+
+
+def finish(reply: Message, content: str) -> None:
+    reply.content, reply.status = content, "complete"
+    reply.save(update_fields=["content", "status"])
+
+
+def a_branched_conversation(owner) -> Conversation:
+    """Made as the site makes it (issue 13): a reply regenerated, a turn
+    after the new version, then the first question edited and answered."""
+    chat = Conversation.objects.create(owner=owner, title="Travel", model="fake")
+    question, reply, _ = chat.start_turn("Where should I go in May?", "fake", {})
+    finish(reply, "Lisbon.")
+    _, reply, _ = chat.start_turn(None, "fake", {})
+    finish(reply, "Porto.")
+    _, reply, _ = chat.start_turn("And in June?", "fake", {})
+    finish(reply, "Madeira.")
+    _, reply, _ = chat.start_turn("Where should I go in October?", "fake", {}, editing=question)
+    finish(reply, "Seville.")
+    return chat
+
+
+def transcript_rows(page: str) -> list[tuple[str, str, str, str, str]]:
+    """Each article of the transcript as (level, text, version label,
+    path badge, class marking the path), in page order."""
+    transcript = page[page.index('class="transcript"') :]
+    rows = []
+    for article in transcript.split("<article")[1:]:
+        article = article.split("</article>")[0]
+        level = re.search(r'data-level="(\d+)"', article)
+        text = re.search(r'<pre class="transcript-content">(.*?)</pre>', article, re.S)
+        version = re.search(r'<span class="transcript-version">(.*?)</span>', article)
+        badge = re.search(r'<span class="transcript-badge[^"]*">(.*?)</span>', article)
+        marked = "transcript-active" if "transcript-active" in article else "transcript-superseded"
+        assert level and text and marked in article.split(">")[0], article
+        rows.append(
+            (
+                level[1],
+                text[1],
+                version[1] if version else "",
+                badge[1] if badge else "",
+                marked,
+            )
+        )
+    return rows
+
+
+ON, OFF = "transcript-active", "transcript-superseded"
+OFF_PATH = "not on the active path"
+
+
+def test_the_transcript_shows_the_tree_in_order_with_versions_and_the_active_path(
+    admin_client, alice
+):
+    chat = a_branched_conversation(alice)
+    page = admin_client.get(change_url(chat)).content.decode()
+    # Depth-first, versions oldest first, each version one level in from
+    # the message it follows; the edited question's branch is the path.
+    assert transcript_rows(page) == [
+        ("1", "Where should I go in May?", "version 1 of 2", OFF_PATH, OFF),
+        ("2", "Lisbon.", "version 1 of 2", OFF_PATH, OFF),
+        ("2", "Porto.", "version 2 of 2", OFF_PATH, OFF),
+        ("2", "And in June?", "", OFF_PATH, OFF),
+        ("2", "Madeira.", "", OFF_PATH, OFF),
+        ("1", "Where should I go in October?", "version 2 of 2", "active path", ON),
+        ("1", "Seville.", "", "active path", ON),
+    ]
+    first = 'class="transcript-message transcript-user transcript-level-1 transcript-superseded"'
+    assert first in page
+    assert "The 2 messages marked" in page and "its 7 messages" in page
+
+    # Switching back to the regenerated reply moves the marks, not the order.
+    porto = chat.messages.get(content="Porto.")
+    chat.switch(porto.pk)
+    page = admin_client.get(change_url(chat)).content.decode()
+    assert [(text, badge) for _, text, _, badge, _ in transcript_rows(page)] == [
+        ("Where should I go in May?", "active path"),
+        ("Lisbon.", OFF_PATH),
+        ("Porto.", "active path"),
+        ("And in June?", "active path"),
+        ("Madeira.", "active path"),
+        ("Where should I go in October?", OFF_PATH),
+        ("Seville.", OFF_PATH),
+    ]
+
+
+def test_a_conversation_without_versions_is_one_unlabelled_level(admin_client, chat):
+    page = admin_client.get(change_url(chat)).content.decode()
+    assert transcript_rows(page) == [
+        ("0", "Question 0", "", "", ON),
+        ("0", "Answer 0", "", "", ON),
+    ]
+    assert "transcript-legend" not in page
+
+
+def test_versions_deeper_than_the_indents_keep_their_level_and_labels(admin_client, alice):
+    chat = Conversation.objects.create(owner=alice, model="fake")
+    for depth in range(8):
+        _, reply, _ = chat.start_turn(f"Q{depth}", "fake", {})
+        finish(reply, f"A{depth}")
+        _, reply, _ = chat.start_turn(None, "fake", {})
+        finish(reply, f"A{depth} again")
+    page = admin_client.get(change_url(chat)).content.decode()
+    rows = transcript_rows(page)
+    assert len(rows) == 24 and rows[-1] == ("8", "A7 again", "version 2 of 2", "active path", ON)
+    assert 'transcript-level-6 transcript-active" data-status="complete" data-level="8"' in page
+
+
+def test_a_reviewer_reads_every_version_of_a_branched_conversation(reviewer, alice):
+    chat = a_branched_conversation(alice)
+    page = logged_in(reviewer).get(change_url(chat))
+    assert page.status_code == 200
+    texts = [text for _, text, _, _, _ in transcript_rows(page.content.decode())]
+    assert texts == [
+        "Where should I go in May?",
+        "Lisbon.",
+        "Porto.",
+        "And in June?",
+        "Madeira.",
+        "Where should I go in October?",
+        "Seville.",
+    ]
+
+
+def transcript_queries(client, chat) -> int:
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get(change_url(chat))
+    assert response.status_code == 200
+    return len(queries)
+
+
+def test_the_transcript_takes_as_many_queries_however_big_the_tree(admin_client, alice):
+    chat = a_branched_conversation(alice)
+    Flag.objects.create(conversation=chat, reason="why")
+    few = transcript_queries(admin_client, chat)
+    for turn in range(5):
+        question, reply, _ = chat.start_turn(f"More {turn}", "fake", {})
+        finish(reply, f"Reply {turn}")
+        Feedback.objects.create(message=reply, rating=1)
+        _, reply, _ = chat.start_turn(None, "fake", {})
+        finish(reply, f"Reply {turn} again")
+        _, reply, _ = chat.start_turn(f"Edited {turn}", "fake", {}, editing=question)
+        finish(reply, f"Reply {turn} edited")
+        Flag.objects.create(conversation=chat, message=reply, reason="why")
+    assert chat.messages.count() == 7 + 5 * 5
+    assert transcript_queries(admin_client, chat) == few
+
+
+def test_the_message_page_shows_what_it_follows_and_its_versions(admin_client, alice):
+    chat = a_branched_conversation(alice)
+    lisbon, porto = chat.messages.get(content="Lisbon."), chat.messages.get(content="Porto.")
+    page = admin_client.get(change_url(porto)).content.decode()
+    may = chat.messages.get(content="Where should I go in May?")
+    assert f'<a href="{change_url(may)}">user: Where should I go in May?</a>' in page
+    assert f'version 2 of 2 (the others: <a href="{change_url(lisbon)}">1</a>)' in page
+    on_path = page.split("On the active path:")[1].split("</div>")[0]
+    assert 'alt="False"' in on_path
+    seville = chat.messages.get(content="Seville.")
+    page = admin_client.get(change_url(seville)).content.decode()
+    assert "the only version" in page
+    assert 'alt="True"' in page.split("On the active path:")[1].split("</div>")[0]
+    october = chat.messages.get(content="Where should I go in October?")
+    assert "- (the first message)" in admin_client.get(change_url(october)).content.decode()
+
+
+def test_the_message_list_filters_by_the_active_path(admin_client, alice):
+    a_branched_conversation(alice)
+    url = reverse("admin:conversations_message_changelist")
+    shown = admin_client.get(url, {"on_path": "yes"}).context["cl"].result_list
+    assert sorted(m.content for m in shown) == ["Seville.", "Where should I go in October?"]
+    shown = admin_client.get(url, {"on_path": "no"}).context["cl"].result_list
+    assert len(shown) == 5
 
 
 def test_a_reply_keeps_the_system_prompt_it_was_written_with(alice):

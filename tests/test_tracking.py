@@ -131,3 +131,26 @@ def test_a_skipped_delta_is_not_a_sign_of_life(held, clock):
     held.accept("r", 4, "c")
     clock.now += 10
     assert held.silent(15) == ["r"]
+
+
+def test_a_reply_off_the_path_is_ignored_until_a_snapshot_holds_it_again(held):
+    held.hold("r", 4, "c")
+    held.ignore("r", "c")
+    assert held.is_ignored("r") and "r" not in held
+    assert held.silent(0) == []  # nobody waits for its writer here
+
+    held.hold("r", 9, "c")
+
+    assert not held.is_ignored("r")
+    assert held.accept("r", 10, "c") == Verdict.SEND
+
+
+def test_leaving_a_conversation_forgets_its_ignored_replies(held):
+    held.ignore("r", "c")
+    held.ignore("s", "other")
+
+    held.release_conversation("c")
+
+    assert not held.is_ignored("r") and held.is_ignored("s")
+    held.release("s")
+    assert not held.is_ignored("s")
