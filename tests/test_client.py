@@ -713,3 +713,128 @@ async def test_a_gap_in_the_deltas_is_filled_by_resubscribing(site):
     assert code == 0, err
     assert proxy.connections == 1 and proxy.subscribes == 1
     assert out == expected_text(model) + "\n"
+
+
+async def versions_shown(client: asyncio.subprocess.Process, wanted: str) -> str:
+    """Ask /versions until it lists wanted: another tab's frames reach the
+    client in their own time."""
+    shown = b""
+    for _ in range(20):
+        client.stdin.write(b"/versions\n")
+        await client.stdin.drain()
+        try:
+            async with asyncio.timeout(1):
+                while wanted.encode() not in shown:
+                    shown += await client.stdout.read(256)
+        except TimeoutError:
+            continue
+        break
+    return shown.decode()
+
+
+async def receive_until(tab, kind: str) -> list[dict]:
+    frames: list[dict] = []
+    async with asyncio.timeout(20):
+        while not frames or frames[-1]["type"] != kind:
+            frames.append(json.loads(await tab.recv()))
+            assert frames[-1]["type"] != "error", frames[-1]
+    return frames
+
+
+async def test_another_tabs_edit_and_switch_move_the_repls_path(site):
+    conversation = await asyncio.to_thread(regenerated_conversation, site)
+    client = await start_client(site, "--conversation", conversation)
+    headers = {"Authorization": f"Bearer {site.token}"}
+    after_edit = (
+        "last question:\n"
+        "  version 1 of 2: Pick one\n"
+        "* version 2 of 2: Pick two\n"
+        "last reply:\n"
+        "* version 1 of 1: Pick two\n"
+    )
+    after_switch = (
+        "last question:\n"
+        "* version 1 of 2: Pick one\n"
+        "  version 2 of 2: Pick two\n"
+        "last reply:\n"
+        "  version 1 of 2: (not seen in this session)\n"
+        "* version 2 of 2: second answer\n"
+    )
+    try:
+        # The REPL reads its first line once it has the path: the other tab
+        # acts after that.
+        await versions_shown(client, "* version 2 of 2: second answer\n")
+        async with websockets.connect(site.ws_url(), additional_headers=headers) as tab:
+            await receive_until(tab, "ready")
+            await tab.send(json.dumps({"type": "subscribe", "conversation": conversation}))
+            await receive_until(tab, "conversation")
+            question = json.loads(await tab.recv())["message"]
+            assert question["content"] == "Pick one"
+            edit = {"type": "edit", "conversation": conversation, "message": question["id"]}
+            await tab.send(json.dumps({**edit, "content": "Pick two", "model": ECHO}))
+            await receive_until(tab, "end")
+            edited = await versions_shown(client, after_edit)
+            switch = {"type": "switch", "conversation": conversation, "message": question["id"]}
+            await tab.send(json.dumps(switch))
+            assert "path" in (await receive_until(tab, "conversation"))[-1]
+            switched = await versions_shown(client, after_switch)
+        client.stdin.write(b"/exit\n")
+        await client.stdin.drain()
+        _, errors = await asyncio.wait_for(client.communicate(), TIMEOUT)
+    finally:
+        if client.returncode is None:
+            client.kill()
+            await client.wait()
+    assert after_edit in edited
+    assert after_switch in switched
+    assert client.returncode == 0 and b"Traceback" not in errors
+
+
+def test_a_refused_edit_says_why_and_the_repl_goes_on(site):
+    lines = ["Hi", "/model nope", "/edit Hello", "/model fake", "/edit Hello", "/versions"]
+    result = run_client(site, stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    fake = expected_text("fake")
+    assert result.stdout.splitlines() == [
+        fake,
+        fake,
+        "last question:",
+        "  version 1 of 2: Hi",
+        "* version 2 of 2: Hello",
+        "last reply:",
+        f"* version 1 of 1: {fake}",
+    ]
+    errors = result.stderr.splitlines()
+    assert errors[2].startswith("chat: model_not_found: ") and "nope" in errors[2]
+    assert errors[4:] == ["[question: version 2 of 2; reply: version 1 of 1]", VERSIONS_HINT]
+
+
+async def test_ctrl_c_stops_an_edits_reply_and_keeps_what_was_shown(site):
+    client = await start_client(site)
+    try:
+        client.stdin.write(b"Hello\n/model fake-slow\n/edit Tell me a long story\n")
+        await client.stdin.drain()
+        # The first answer is w1 … w12 too: the edit's starts on the next line.
+        needle = (expected_text("fake") + "\nw1 w2 ").encode()
+        first, _, shown = (await read_until(client.stdout, needle)).partition(b"\n")
+        client.send_signal(signal.SIGINT)
+        errors = await read_until(client.stderr, b"[stopped]")
+        client.stdin.write(b"/exit\n")
+        await client.stdin.drain()
+        rest, more_errors = await asyncio.wait_for(client.communicate(), TIMEOUT)
+    finally:
+        if client.returncode is None:
+            client.kill()
+            await client.wait()
+    assert client.returncode == 0, errors + more_errors
+    assert first.decode() == expected_text("fake")
+    conversation = conversation_of((errors + more_errors).decode())
+    rows = await asyncio.to_thread(site.messages, conversation=conversation)
+    assert [row[:2] for row in rows[:3]] == [
+        ("user", "Hello"),
+        ("assistant", expected_text("fake")),
+        ("user", "Tell me a long story"),
+    ]
+    (_, partial, status) = rows[-1]
+    assert status == "stopped" and len(partial) < len(expected_text("fake-slow"))
+    assert (shown + rest).decode() == partial + "\n"
