@@ -40,7 +40,7 @@ import signal
 import sys
 import threading
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO, TypeVar
 
 import websockets
@@ -61,10 +61,19 @@ COMMANDS = {
     "/model [NAME]": "list the server's models, or answer with NAME from now on",
     "/new": "start a new conversation, with no system prompt",
     "/system [TEXT]": "set the system prompt; without TEXT, clear it",
+    "/edit TEXT": "ask your last question again, worded as TEXT (the old version stays)",
+    "/versions [[q] N]": "list the versions of the last question and reply; "
+    "N shows version N of the reply, q N version N of the question",
     "/help": "list these commands",
     "/exit": "leave (so does Ctrl-D)",
 }
 HINT = "[type a message and press Enter to send it; /help lists the commands]"
+EDIT_USAGE = "[/edit TEXT asks your last question again, worded as TEXT]"
+VERSIONS_USAGE = (
+    "[/versions lists the versions; /versions N shows version N of the last reply, "
+    "/versions q N version N of the last question]"
+)
+PREVIEW = 60  # characters of a version shown by /versions
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 # Without ESC and its one-character C1 forms (CSI is U+009B, OSC U+009D) no
 # escape sequence can begin, however the text is split across deltas; what
@@ -94,15 +103,156 @@ class Fatal(Exception):
 
 @dataclass
 class Turn:
-    """One prompt and its reply, followed across reconnects."""
+    """One prompt and its reply, followed across reconnects: a `send`, an
+    `edit` (a new version of a question, and its reply) or a `switch` (to
+    another version, whose reply is shown)."""
 
-    frame: dict[str, Any]  # the `send` frame
+    frame: dict[str, Any]  # the `send`, `edit` or `switch` frame
     future: asyncio.Future[Outcome]
     sent: bool = False
     user_id: str | None = None  # our user message, once the server has saved it
     after_user: bool = False  # the next assistant message seen is our reply
     reply_id: str | None = None
     stop_wanted: bool = False
+    # An edit's or a switch's: the last message of the path it answered
+    # with, and whether its frame has been seen (and the reply adopted).
+    leaf: str | None = None
+    placed: bool = False
+
+    @property
+    def kind(self) -> str:
+        return str(self.frame["type"])
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.user_id is not None or self.leaf is not None
+
+
+@dataclass
+class Seen:
+    """A message of the conversation as the client last saw it."""
+
+    role: str
+    parent: str | None = None
+    siblings: list[str] = field(default_factory=list)  # its versions, oldest first
+    content: str = ""
+    status: str = ""
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class Versions:
+    """The versions of one message of the path, oldest first."""
+
+    ids: tuple[str, ...]
+    active: int  # the index of the one on the path
+    previews: tuple[str, ...]
+
+
+class PathView:
+    """What the client knows of its conversation's tree (issue 13): the
+    active path, ids root first, and every message seen in this session,
+    those off the path too, for /versions. Kept from the conversation's
+    frames: a `conversation` frame with `path` replaces the path; each
+    `message` and `start` hangs its message under its parent, cutting what
+    was below that, and one marked superseded leaves the path with what
+    hangs under it."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.path: list[str] = []
+        self.seen: dict[str, Seen] = {}
+
+    def see(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "conversation" and isinstance(frame.get("path"), list):
+            self.path = [str(m) for m in frame["path"]]
+        elif kind == "message" and isinstance(frame.get("message"), dict):
+            message = frame["message"]
+            message_id = str(message.get("id"))
+            seen = self.seen.setdefault(message_id, Seen(str(message.get("role") or "")))
+            seen.parent = _id_or_none(message.get("parent"))
+            seen.siblings = [str(m) for m in message.get("siblings") or [message_id]]
+            seen.content = str(message.get("content") or "")
+            seen.status = str(message.get("status") or "")
+            seen.seq = int(message.get("seq") or 0)
+            has_parent = "parent" in message
+            self._place(message_id, seen.parent, has_parent, bool(message.get("superseded")))
+        elif kind == "start":
+            reply = str(frame.get("message"))
+            seen = self.seen.setdefault(reply, Seen("assistant"))
+            seen.parent = _id_or_none(frame.get("parent"))
+            seen.siblings = [str(m) for m in frame.get("siblings") or [reply]]
+            seen.status = "streaming"
+            self._place(reply, seen.parent, "parent" in frame, False)
+        elif kind == "delta" and (growing := self.seen.get(str(frame.get("message")))):
+            seq = int(frame.get("seq") or 0)
+            if seq == growing.seq + 1:  # else a snapshot will bring the text
+                growing.content += str(frame.get("content") or "")
+                growing.seq = seq
+        elif kind == "end" and (ended := self.seen.get(str(frame.get("message")))):
+            ended.status = str(frame.get("status") or "")
+
+    def _place(self, message_id: str, parent: str | None, has_parent: bool, off: bool) -> None:
+        path = self.path
+        if off:
+            if message_id in path:
+                del path[path.index(message_id) :]
+        elif message_id in path:
+            pass  # a snapshot of what we show
+        elif parent is None and has_parent:
+            self.path = [message_id]
+        elif parent in path:
+            self.path = [*path[: path.index(parent) + 1], message_id]
+        else:  # a server before trees, or a parent never seen: it follows
+            path.append(message_id)
+
+    def last(self) -> tuple[str | None, str | None]:
+        """The last question of the path and the reply to it, if any."""
+        roles = [(m, self.seen[m].role if m in self.seen else "") for m in self.path]
+        asked = [i for i, (_, role) in enumerate(roles) if role == "user"]
+        if not asked:
+            return None, None
+        question = roles[asked[-1]][0]
+        after = roles[asked[-1] + 1 :]
+        return question, after[0][0] if after and after[0][1] == "assistant" else None
+
+    def versions(self, message_id: str | None) -> Versions | None:
+        if message_id is None:
+            return None
+        ids = tuple(self.seen[message_id].siblings or [message_id])
+        if message_id not in ids:
+            ids = (*ids, message_id)
+        previews = tuple(preview(self.seen.get(m)) for m in ids)
+        return Versions(ids, ids.index(message_id), previews)
+
+
+def _id_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def preview(seen: Seen | None) -> str:
+    """A version's text on one short line, for /versions."""
+    if seen is None:
+        # Only the path comes to a client: a version elsewhere is known
+        # by its id until a switch (or a send) shows it.
+        return "(not seen in this session)"
+    text = " ".join(printable(seen.content).split())
+    if not text:
+        return f"({seen.status or 'empty'})"
+    return text if len(text) <= PREVIEW else text[: PREVIEW - 1].rstrip() + "…"
+
+
+def position(question: Versions | None, reply: Versions | None) -> str:
+    """Where the path is, as a note: "[question: version 2 of 3; ...]"."""
+    parts = [
+        f"{name}: version {v.active + 1} of {len(v.ids)}"
+        for name, v in (("question", question), ("reply", reply))
+        if v is not None
+    ]
+    return "[" + "; ".join(parts) + "]"
 
 
 def printable(text: str) -> str:
@@ -229,6 +379,8 @@ class Session:
         self.last_heard = 0.0
         self.task: asyncio.Task[None] | None = None
         self.ids = itertools.count(1)
+        self.view = PathView()
+        self.sync_ping: str | None = None
 
     def _id(self, kind: str) -> str:
         return f"{kind}-{next(self.ids)}"
@@ -311,20 +463,28 @@ class Session:
         self.failures = 0
         self.models = [str(m) for m in ready.get("models") or []]
         self.default_model = str(ready.get("default_model") or "")
-        if not self.ready.done():
-            self.ready.set_result(None)
+        first = not self.ready.done()
         turn = self.turn
         if turn is not None and not turn.sent:
             turn.sent = await self._send(turn.frame)
         elif self.conversation is not None:
-            # Back after a drop: the replay brings what we missed.
+            # Back after a drop, the replay brings what we missed; at the
+            # start (--conversation), the path /edit and /versions work on.
             await self._resubscribe()
+            if first:
+                # Frames are answered in order: the pong comes after the
+                # whole replay, and open() returns then.
+                self.sync_ping = self._id("ping")
+                await self._send({"type": "ping", "id": self.sync_ping})
+                return
             if turn is not None and turn.stop_wanted and turn.reply_id:
                 await self._send_stop()
+        if first:
+            self.ready.set_result(None)
 
     def _dropped(self) -> None:
         turn = self.turn
-        if turn is not None and turn.sent and turn.user_id is None:
+        if turn is not None and turn.sent and not turn.acknowledged:
             # We cannot tell whether the server took the message; sending it
             # again might post it twice, so give up on this one.
             message = "connection lost before the server acknowledged the message"
@@ -369,14 +529,38 @@ class Session:
     # Requests from the main thread.
 
     async def ask(self, content: str) -> Outcome:
-        if self.fatal is not None:
-            return Outcome("error", "disconnected", str(self.fatal))
         frame = {"type": "send", "id": self._id("send"), "conversation": self.conversation}
         frame["content"] = content
         if self.model:
             frame["model"] = self.model
         if self.system is not None:
             frame["system"] = self.system
+        return await self._take_turn(frame)
+
+    async def edit(self, message_id: str, content: str) -> Outcome:
+        """Ask a question of the path again, worded as content: the server
+        answers with the new path, then streams the new reply."""
+        frame = {"type": "edit", "id": self._id("edit"), "conversation": self.conversation}
+        frame.update(message=message_id, content=content)
+        if self.model:
+            frame["model"] = self.model
+        return await self._take_turn(frame)
+
+    async def switch(self, message_id: str) -> Outcome:
+        """Show another version of a message: the server answers with the
+        path to the newest leaf under it, whose reply is printed."""
+        frame = {"type": "switch", "id": self._id("switch"), "conversation": self.conversation}
+        frame["message"] = message_id
+        return await self._take_turn(frame)
+
+    async def last_versions(self) -> tuple[Versions | None, Versions | None]:
+        """The versions of the path's last question and of its reply."""
+        question, reply = self.view.last()
+        return self.view.versions(question), self.view.versions(reply)
+
+    async def _take_turn(self, frame: dict[str, Any]) -> Outcome:
+        if self.fatal is not None:
+            return Outcome("error", "disconnected", str(self.fatal))
         turn = self.turn = Turn(frame, asyncio.get_running_loop().create_future())
         self.output.begin()
         try:
@@ -388,7 +572,7 @@ class Session:
                     return await asyncio.wait_for(asyncio.shield(turn.future), QUIET)
                 except TimeoutError:
                     quiet = asyncio.get_running_loop().time() - self.last_heard
-                    if quiet >= QUIET and turn.user_id is not None and self.ws is not None:
+                    if quiet >= QUIET and turn.acknowledged and self.ws is not None:
                         await self._resubscribe()
         finally:
             if self.turn is turn:
@@ -410,30 +594,57 @@ class Session:
         # A prompt written for one conversation is not silently carried into
         # the next: /system sets one for it.
         self.conversation = self.system = None
+        self.view.clear()
 
     # Frames from the server.
 
     async def _handle(self, frame: dict[str, Any]) -> None:
         kind, turn = frame.get("type"), self.turn
+        request = frame.get("id")
         if kind == "error":
             return self._on_error(frame)
-        if turn is None:
-            return  # live events of a conversation we are not waiting on
-        if kind == "conversation" and frame.get("id") == turn.frame["id"]:
+        if kind == "pong":
+            if request == self.sync_ping and not self.ready.done():
+                self.ready.set_result(None)
+            return
+        new = turn is not None and turn.kind == "send" and request == turn.frame["id"]
+        if kind == "conversation" and new:
             self.conversation = str(frame["conversation"]["id"])
             note(f"[conversation {self.conversation}]")
+        if self._about_ours(frame):
+            # Even when we wait on nothing: another tab's edit or switch
+            # moves the path /edit and /versions work on.
+            full_replay = str(request or "").startswith("sub-") and frame.get("replay") != "live"
+            if kind == "conversation" and full_replay and "path" not in frame:
+                self.view.path = []  # the path follows, message by message
+            self.view.see(frame)
+        if turn is None:
+            return  # live events of a conversation we are not waiting on
+        if kind == "conversation":
+            if request == turn.frame["id"] and turn.kind != "send" and frame.get("path"):
+                turn.leaf = str(frame["path"][-1])
             return
         if frame.get("conversation") != self.conversation:
             return
         if kind == "message":
             message = frame.get("message") or {}
-            if message.get("role") == "user":
-                if frame.get("id") == turn.frame["id"] or message.get("id") == turn.user_id:
-                    turn.user_id, turn.after_user = str(message["id"]), True
+            message_id = str(message.get("id"))
+            if message_id == turn.leaf and not turn.placed:
+                # The end of the path an edit or a switch answered with,
+                # every message before it seen: say where it is, and follow
+                # its reply (a switch shows it whole, if shown before too).
+                turn.placed = True
+                note(position(*await self.last_versions()))
+                if message.get("role") != "assistant":
+                    return self._finish(Outcome("complete"), shown=False)
+                await self._adopt(message_id, again=turn.kind == "switch")
+            if message.get("role") == "user" and turn.kind == "send":
+                if request == turn.frame["id"] or message_id == turn.user_id:
+                    turn.user_id, turn.after_user = message_id, True
             elif message.get("role") == "assistant":
                 if turn.reply_id is None and turn.after_user:
-                    await self._adopt(str(message["id"]))
-                if message.get("id") == turn.reply_id:
+                    await self._adopt(message_id)
+                if message_id == turn.reply_id:
                     self._snapshot(message)
         elif kind == "start" and turn.reply_id is None and turn.after_user:
             await self._adopt(str(frame["message"]))
@@ -451,20 +662,33 @@ class Session:
                 return await self._resubscribe()  # the last deltas went missing
             self._finish(Outcome.of(frame.get("status", "error"), frame.get("error")))
 
+    def _about_ours(self, frame: dict[str, Any]) -> bool:
+        about = frame.get("conversation")
+        if isinstance(about, dict):  # a `conversation` frame
+            about = about.get("id")
+        return self.conversation is not None and about == self.conversation
+
     def _on_error(self, frame: dict[str, Any]) -> None:
         request = str(frame.get("id") or "")
         turn = self.turn
         code, message = str(frame.get("code", "")), str(frame.get("message", ""))
         if turn is not None and (request == turn.frame["id"] or request.startswith("sub-")):
             self._finish(Outcome("error", code, message))
-        elif request.startswith("stop-") or not request.startswith("send-"):
+        elif request.startswith("sub-") and not self.ready.done():
+            # --conversation names one we cannot open: nothing to go on with.
+            self._die(Fatal(f"{code}: {message}"))
+        elif request.startswith("stop-") or not request.startswith(("send-", "edit-")):
             note(f"[server: {code}: {message}]")
         # Else it repeats, for the sender, an error its `end` already showed.
 
-    async def _adopt(self, reply_id: str) -> None:
+    async def _adopt(self, reply_id: str, again: bool = False) -> None:
+        """Follow reply_id as the turn's reply; again: print all of it, if
+        printed before too (a switch back to it)."""
         turn = self.turn
         assert turn is not None
         turn.reply_id = reply_id
+        if again:
+            self.held[reply_id], self.printed[reply_id] = 0, [0, 0]
         self.held.setdefault(reply_id, 0)
         self.printed.setdefault(reply_id, [0, 0])
         if turn.stop_wanted:
@@ -488,11 +712,13 @@ class Session:
         self.printed[reply_id][0] += len(content)
         self.printed[reply_id][1] += len(reasoning)
 
-    def _finish(self, outcome: Outcome) -> None:
+    def _finish(self, outcome: Outcome, shown: bool = True) -> None:
+        """End the turn; shown: a reply was being printed, to end its line."""
         turn = self.turn
         if turn is None or turn.future.done():
             return
-        self.output.end(outcome.status)
+        if shown:
+            self.output.end(outcome.status)
         turn.future.set_result(outcome)
         self.turn = None
 
@@ -512,9 +738,13 @@ class LoopThread:
 
 
 def ask(runner: LoopThread, session: Session, content: str) -> Outcome:
-    """Send a prompt and wait for the reply; Ctrl-C asks the server to stop
-    it, and a second Ctrl-C stops waiting."""
-    future = runner.submit(session.ask(content))
+    return follow(runner, session, session.ask(content))
+
+
+def follow(runner: LoopThread, session: Session, turn: Coroutine[Any, Any, Outcome]) -> Outcome:
+    """Run a turn (a send, an edit, a switch) and wait for its reply; Ctrl-C
+    asks the server to stop it, and a second Ctrl-C stops waiting."""
+    future = runner.submit(turn)
     stopping = False
     while True:
         try:
@@ -582,6 +812,10 @@ def run_line(runner: LoopThread, session: Session, line: str) -> None:
     elif command == "/system":
         session.system = rest  # empty clears it
         note("[system prompt set]" if rest else "[system prompt cleared]")
+    elif command == "/edit":
+        edit(runner, session, rest)
+    elif command == "/versions":
+        versions(runner, session, rest)
     elif command == "/help":
         width = max(map(len, COMMANDS))
         for usage, meaning in COMMANDS.items():
@@ -590,6 +824,53 @@ def run_line(runner: LoopThread, session: Session, line: str) -> None:
         note(f"[unknown command {command}; /help lists the commands]")
     else:
         report(ask(runner, session, line))
+
+
+def edit(runner: LoopThread, session: Session, text: str) -> None:
+    """/edit TEXT: a new version of the path's last question, and its reply."""
+    if not text:
+        note(EDIT_USAGE)
+        return
+    question, _ = runner.run(session.last_versions())
+    if question is None:
+        note("[nothing to edit yet: ask a question first]")
+        return
+    report(follow(runner, session, session.edit(question.ids[question.active], text)))
+
+
+def versions(runner: LoopThread, session: Session, args: str) -> None:
+    """/versions: list the versions of the last question and reply, the one
+    shown marked; /versions N, /versions q N: show another."""
+    question, reply = runner.run(session.last_versions())
+    words = args.split()
+    if not words:
+        if question is None and reply is None:
+            note("[no versions yet: ask a question first]")
+            return
+        for name, known in (("last question", question), ("last reply", reply)):
+            if known is not None:
+                print(f"{name}:", flush=True)
+                for i, text in enumerate(known.previews):
+                    mark = "* " if i == known.active else "  "
+                    print(f"{mark}version {i + 1} of {len(known.ids)}: {text}", flush=True)
+        if any(known is not None and len(known.ids) > 1 for known in (question, reply)):
+            note(VERSIONS_USAGE)
+        return
+    if len(words) == 1 and re.fullmatch("[0-9]+", words[0]):
+        name, known, number = "reply", reply, int(words[0])
+    elif len(words) == 2 and words[0] == "q" and re.fullmatch("[0-9]+", words[1]):
+        name, known, number = "question", question, int(words[1])
+    else:
+        note(VERSIONS_USAGE)
+        return
+    if known is None:
+        note(f"[there is no {name} yet to pick a version of]")
+    elif len(known.ids) == 1 and number != 1:
+        note(f"[the last {name} has only 1 version]")
+    elif not 1 <= number <= len(known.ids):
+        note(f"[the last {name} has {len(known.ids)} versions: pick 1 to {len(known.ids)}]")
+    else:
+        report(follow(runner, session, session.switch(known.ids[number - 1])))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from . import protocol
 from .forms import max_length
 from .models import Conversation, Feedback, Message
 from .protocol import INTERRUPTED_TEXT, MAX_MODEL, ErrorCode, FrameError
+from .tree import Node, Tree
 
 SCHEMA = "chatsite.conversations/1"
 SCHEMA_FAMILY = SCHEMA.rsplit("/", 1)[0] + "/"
@@ -55,6 +56,8 @@ def message_record(message: Message) -> dict[str, Any]:
     feedback: Feedback | None = getattr(message, "feedback", None)
     return {
         "id": str(message.pk),
+        # The tree (issue 13): the message it follows, in the same record.
+        "parent": str(message.parent_id) if message.parent_id else None,
         "role": message.role,
         "content": message.content,
         "reasoning": message.reasoning,
@@ -83,8 +86,8 @@ def message_record(message: Message) -> dict[str, Any]:
 
 
 def conversation_record(conversation: Conversation) -> dict[str, Any]:
-    """One conversation with all its messages (superseded replies too,
-    marked so), oldest first. Read through exportable() to make it cost
+    """One conversation with all its messages (every branch, those off the
+    active path marked superseded), oldest first. Read through exportable() to make it cost
     no query of its own."""
     return {
         "id": str(conversation.pk),
@@ -96,6 +99,7 @@ def conversation_record(conversation: Conversation) -> dict[str, Any]:
         "options": conversation.options,
         "created": _time(conversation.created),
         "updated": _time(conversation.updated),
+        "active": str(conversation.active_id) if conversation.active_id else None,
         "messages": [message_record(m) for m in conversation.messages.all()],
     }
 
@@ -262,7 +266,9 @@ def _options(record: dict, path: str) -> dict[str, Any]:
 
 def _conversation(
     user, record: Any, path: str, now: datetime
-) -> tuple[Conversation, list[tuple[Message, Feedback | None]]]:
+) -> tuple[Conversation, list[tuple[Message, Feedback | None]], Message | None]:
+    """The conversation of a record, its messages with their feedback, and
+    its active leaf (one of them, or None)."""
     if not isinstance(record, dict):
         raise _refuse(path, "expected an object.")
     created = _when(record, "created", path, now)
@@ -277,9 +283,52 @@ def _conversation(
         created=created,
         updated=_when(record, "updated", path, created),
     )
-    messages = _get(record, "messages", list, path, [])
-    rows = [_message(conversation, m, f"{path}.messages[{i}]") for i, m in enumerate(messages)]
-    return conversation, rows
+    records = _get(record, "messages", list, path, [])
+    rows = [_message(conversation, m, f"{path}.messages[{i}]") for i, m in enumerate(records)]
+    leaf = _rebuild_tree(record, records, [message for message, _ in rows], path)
+    return conversation, rows, leaf
+
+
+def _rebuild_tree(
+    record: dict, records: list[dict], messages: list[Message], path: str
+) -> Message | None:
+    """Give the new messages their parents, and find the active leaf,
+    through the file's ids (which the new rows do not keep), and make
+    `superseded` say what it means now: off the active path. A file from
+    before conversations were trees has no `parent`s: each message follows
+    the last one not superseded before it, and that last one is the active
+    leaf (the rule of migration 0008 and of Message.save())."""
+    known: dict[str, Message] = {}  # the file's id -> the new row, of earlier messages
+    tip: Message | None = None  # the last message not superseded so far
+    for i, (given, message) in enumerate(zip(records, messages, strict=True)):
+        where = f"{path}.messages[{i}]"
+        if "parent" in given:
+            parent_id = _get(given, "parent", str, where, None)
+            parent = None if parent_id is None else known.get(parent_id)
+            if parent_id is not None and parent is None:
+                raise _refuse(
+                    f"{where}.parent", "not the id of an earlier message of its conversation."
+                )
+        else:
+            parent = tip
+        # bulk_create does not run Message.save(), which would place it.
+        message.parent_id = parent.pk if parent is not None else None
+        own_id = _get(given, "id", str, where, None)
+        if own_id is not None:
+            if own_id in known:
+                raise _refuse(f"{where}.id", "the id of an earlier message too.")
+            known[own_id] = message
+        if not message.superseded:
+            tip = message
+    active_id = _get(record, "active", str, path, None)
+    if active_id is not None and active_id not in known:
+        raise _refuse(f"{path}.active", "not the id of a message of this conversation.")
+    leaf = known[active_id] if active_id is not None else tip
+    tree = Tree(Node(m.pk, m.parent_id, m.role) for m in messages)
+    on_path = set(tree.path(leaf.pk if leaf is not None else None))
+    for message in messages:
+        message.superseded = message.pk not in on_path
+    return leaf
 
 
 def _message(conversation: Conversation, record: Any, path: str) -> tuple[Message, Feedback | None]:
@@ -358,9 +407,12 @@ def import_records(user, data: Any) -> list[Conversation]:
         raise _refuse("conversations", "expected a list.")
     now = timezone.now()
     conversations, messages, feedback = [], [], []
+    with_leaf = []
     for i, record in enumerate(records):
-        conversation, rows = _conversation(user, record, f"conversations[{i}]", now)
+        conversation, rows, leaf = _conversation(user, record, f"conversations[{i}]", now)
         conversations.append(conversation)
+        if leaf is not None:
+            with_leaf.append((conversation, leaf))
         for message, given in rows:
             messages.append(message)
             if given is not None:
@@ -369,4 +421,8 @@ def import_records(user, data: Any) -> list[Conversation]:
         Conversation.objects.bulk_create(conversations)
         Message.objects.bulk_create(messages, batch_size=500)
         Feedback.objects.bulk_create(feedback, batch_size=500)
+        # The leaf is set once it exists, as a foreign key must be.
+        for conversation, leaf in with_leaf:
+            conversation.active = leaf
+        Conversation.objects.bulk_update([c for c, _ in with_leaf], ["active"], batch_size=500)
     return conversations

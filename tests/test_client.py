@@ -268,7 +268,7 @@ def test_on_a_terminal_the_repl_opens_with_a_hint_and_help_lists_the_commands(si
     code, text, errors = on_a_terminal(site, b"/help\n/exit\n")
     assert code == 0, errors
     assert errors.splitlines()[0].startswith("[") and "/help" in errors.splitlines()[0]
-    for command in ("/model [NAME]", "/new", "/system [TEXT]", "/help", "/exit"):
+    for command in COMMANDS:
         assert f"\r\n{command} " in text, command
 
 
@@ -277,7 +277,164 @@ def test_piped_the_repl_gives_no_hint_and_unknown_commands_point_to_help(site):
     assert result.returncode == 0, result.stderr
     assert result.stderr == "[unknown command /what; /help lists the commands]\n"
     listed = [line.split("  ")[0] for line in result.stdout.splitlines()]
-    assert listed == ["/model [NAME]", "/new", "/system [TEXT]", "/help", "/exit"]
+    assert listed == COMMANDS
+
+
+COMMANDS = [
+    "/model [NAME]",
+    "/new",
+    "/system [TEXT]",
+    "/edit TEXT",
+    "/versions [[q] N]",
+    "/help",
+    "/exit",
+]
+ECHO = "fake:echo=1"  # answers with the question's words: each version its own answer
+VERSIONS_HINT = (
+    "[/versions lists the versions; /versions N shows version N of the last reply, "
+    "/versions q N version N of the last question]"
+)
+
+
+def test_repl_edit_asks_the_last_question_again_and_versions_switches_back(site, fake_llm_server):
+    lines = [
+        f"/model {ECHO}",
+        "Name a colour",
+        "/edit Name a fruit",
+        "/versions",
+        "/versions q 1",
+        "/versions",
+        "/versions 2",
+        "Name a tree",
+    ]
+    result = run_client(site, stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "Name a colour",
+        "Name a fruit",  # the edit's reply, streamed like a send's
+        "last question:",
+        "  version 1 of 2: Name a colour",
+        "* version 2 of 2: Name a fruit",
+        "last reply:",
+        "* version 1 of 1: Name a fruit",
+        "Name a colour",  # /versions q 1 shows that version's reply
+        "last question:",
+        "* version 1 of 2: Name a colour",
+        "  version 2 of 2: Name a fruit",
+        "last reply:",
+        "* version 1 of 1: Name a colour",
+        "Name a tree",
+    ]
+    conversation = conversation_of(result.stderr)
+    assert result.stderr.splitlines() == [
+        f"[model {ECHO}]",
+        f"[conversation {conversation}]",
+        "[question: version 2 of 2; reply: version 1 of 1]",
+        VERSIONS_HINT,
+        "[question: version 1 of 2; reply: version 1 of 1]",
+        VERSIONS_HINT,
+        "[the last reply has only 1 version]",
+    ]
+    # The edit was asked without the old branch; the last send followed
+    # the branch switched back to.
+    edited, followed = (r["messages"] for r in fake_llm_server.requests[-2:])
+    assert edited == [{"role": "user", "content": "Name a fruit"}]
+    assert followed == [
+        {"role": "user", "content": "Name a colour"},
+        {"role": "assistant", "content": "Name a colour"},
+        {"role": "user", "content": "Name a tree"},
+    ]
+    rows = site.messages("content", "superseded", conversation=conversation)
+    assert rows == [
+        ("Name a colour", False),
+        ("Name a colour", False),
+        ("Name a fruit", True),
+        ("Name a fruit", True),
+        ("Name a tree", False),
+        ("Name a tree", False),
+    ]
+
+
+def test_repl_edit_and_versions_say_how_to_use_them(site):
+    lines = [
+        "/edit",
+        "/edit Hello",
+        "/versions",
+        "/versions 1",
+        "Hi",
+        "/versions two",
+        "/versions 3",
+    ]
+    result = run_client(site, stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_text("fake") + "\n"
+    conversation = conversation_of(result.stderr)
+    assert result.stderr.splitlines() == [
+        "[/edit TEXT asks your last question again, worded as TEXT]",
+        "[nothing to edit yet: ask a question first]",
+        "[no versions yet: ask a question first]",
+        "[there is no reply yet to pick a version of]",
+        f"[conversation {conversation}]",
+        VERSIONS_HINT,
+        "[the last reply has only 1 version]",
+    ]
+    assert len(site.messages(conversation=conversation)) == 2  # nothing sent but "Hi"
+
+
+def regenerated_conversation(site: Site) -> str:
+    """erin's conversation with one question and two versions of its reply,
+    the second shown, saved as an older site or the admin would (a replaced
+    reply superseded): the client has seen none of it."""
+    code = (
+        "from django.contrib.auth import get_user_model; "
+        "from conversations.models import Conversation; "
+        "c = Conversation.objects.create(owner=get_user_model().objects.get(username='erin')); "
+        "c.messages.create(role='user', content='Pick one'); "
+        "c.messages.create(role='assistant', content='first answer', superseded=True); "
+        "c.messages.create(role='assistant', content='second answer'); "
+        "print(c.pk)"
+    )
+    # The last line: the shell may first say what it imported.
+    return site.manage("shell", "-c", code).split()[-1]
+
+
+def test_conversation_continues_with_the_versions_the_server_has(site):
+    conversation = regenerated_conversation(site)
+    lines = ["/versions", "/versions 1", "/versions", "/versions 3", "/versions 0"]
+    result = run_client(site, "--conversation", conversation, stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "last question:",
+        "* version 1 of 1: Pick one",
+        "last reply:",
+        # Only the path comes to a client: the other version is a name.
+        "  version 1 of 2: (not seen in this session)",
+        "* version 2 of 2: second answer",
+        "first answer",
+        "last question:",
+        "* version 1 of 1: Pick one",
+        "last reply:",
+        "* version 1 of 2: first answer",
+        "  version 2 of 2: second answer",
+    ]
+    assert result.stderr.splitlines() == [
+        VERSIONS_HINT,
+        "[question: version 1 of 1; reply: version 1 of 2]",
+        VERSIONS_HINT,
+        "[the last reply has 2 versions: pick 1 to 2]",
+        "[the last reply has 2 versions: pick 1 to 2]",
+    ]
+    # The switch is the conversation's: the next session finds it there.
+    again = run_client(site, "--conversation", conversation, stdin="/versions\n")
+    assert again.stdout.splitlines()[3:] == [
+        "* version 1 of 2: first answer",
+        "  version 2 of 2: (not seen in this session)",
+    ]
+    assert site.messages("content", "superseded", conversation=conversation) == [
+        ("Pick one", False),
+        ("first answer", False),
+        ("second answer", True),
+    ]
 
 
 # What a model may write, and what of it may reach the user: the control
@@ -556,3 +713,128 @@ async def test_a_gap_in_the_deltas_is_filled_by_resubscribing(site):
     assert code == 0, err
     assert proxy.connections == 1 and proxy.subscribes == 1
     assert out == expected_text(model) + "\n"
+
+
+async def versions_shown(client: asyncio.subprocess.Process, wanted: str) -> str:
+    """Ask /versions until it lists wanted: another tab's frames reach the
+    client in their own time."""
+    shown = b""
+    for _ in range(20):
+        client.stdin.write(b"/versions\n")
+        await client.stdin.drain()
+        try:
+            async with asyncio.timeout(1):
+                while wanted.encode() not in shown:
+                    shown += await client.stdout.read(256)
+        except TimeoutError:
+            continue
+        break
+    return shown.decode()
+
+
+async def receive_until(tab, kind: str) -> list[dict]:
+    frames: list[dict] = []
+    async with asyncio.timeout(20):
+        while not frames or frames[-1]["type"] != kind:
+            frames.append(json.loads(await tab.recv()))
+            assert frames[-1]["type"] != "error", frames[-1]
+    return frames
+
+
+async def test_another_tabs_edit_and_switch_move_the_repls_path(site):
+    conversation = await asyncio.to_thread(regenerated_conversation, site)
+    client = await start_client(site, "--conversation", conversation)
+    headers = {"Authorization": f"Bearer {site.token}"}
+    after_edit = (
+        "last question:\n"
+        "  version 1 of 2: Pick one\n"
+        "* version 2 of 2: Pick two\n"
+        "last reply:\n"
+        "* version 1 of 1: Pick two\n"
+    )
+    after_switch = (
+        "last question:\n"
+        "* version 1 of 2: Pick one\n"
+        "  version 2 of 2: Pick two\n"
+        "last reply:\n"
+        "  version 1 of 2: (not seen in this session)\n"
+        "* version 2 of 2: second answer\n"
+    )
+    try:
+        # The REPL reads its first line once it has the path: the other tab
+        # acts after that.
+        await versions_shown(client, "* version 2 of 2: second answer\n")
+        async with websockets.connect(site.ws_url(), additional_headers=headers) as tab:
+            await receive_until(tab, "ready")
+            await tab.send(json.dumps({"type": "subscribe", "conversation": conversation}))
+            await receive_until(tab, "conversation")
+            question = json.loads(await tab.recv())["message"]
+            assert question["content"] == "Pick one"
+            edit = {"type": "edit", "conversation": conversation, "message": question["id"]}
+            await tab.send(json.dumps({**edit, "content": "Pick two", "model": ECHO}))
+            await receive_until(tab, "end")
+            edited = await versions_shown(client, after_edit)
+            switch = {"type": "switch", "conversation": conversation, "message": question["id"]}
+            await tab.send(json.dumps(switch))
+            assert "path" in (await receive_until(tab, "conversation"))[-1]
+            switched = await versions_shown(client, after_switch)
+        client.stdin.write(b"/exit\n")
+        await client.stdin.drain()
+        _, errors = await asyncio.wait_for(client.communicate(), TIMEOUT)
+    finally:
+        if client.returncode is None:
+            client.kill()
+            await client.wait()
+    assert after_edit in edited
+    assert after_switch in switched
+    assert client.returncode == 0 and b"Traceback" not in errors
+
+
+def test_a_refused_edit_says_why_and_the_repl_goes_on(site):
+    lines = ["Hi", "/model nope", "/edit Hello", "/model fake", "/edit Hello", "/versions"]
+    result = run_client(site, stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    fake = expected_text("fake")
+    assert result.stdout.splitlines() == [
+        fake,
+        fake,
+        "last question:",
+        "  version 1 of 2: Hi",
+        "* version 2 of 2: Hello",
+        "last reply:",
+        f"* version 1 of 1: {fake}",
+    ]
+    errors = result.stderr.splitlines()
+    assert errors[2].startswith("chat: model_not_found: ") and "nope" in errors[2]
+    assert errors[4:] == ["[question: version 2 of 2; reply: version 1 of 1]", VERSIONS_HINT]
+
+
+async def test_ctrl_c_stops_an_edits_reply_and_keeps_what_was_shown(site):
+    client = await start_client(site)
+    try:
+        client.stdin.write(b"Hello\n/model fake-slow\n/edit Tell me a long story\n")
+        await client.stdin.drain()
+        # The first answer is w1 … w12 too: the edit's starts on the next line.
+        needle = (expected_text("fake") + "\nw1 w2 ").encode()
+        first, _, shown = (await read_until(client.stdout, needle)).partition(b"\n")
+        client.send_signal(signal.SIGINT)
+        errors = await read_until(client.stderr, b"[stopped]")
+        client.stdin.write(b"/exit\n")
+        await client.stdin.drain()
+        rest, more_errors = await asyncio.wait_for(client.communicate(), TIMEOUT)
+    finally:
+        if client.returncode is None:
+            client.kill()
+            await client.wait()
+    assert client.returncode == 0, errors + more_errors
+    assert first.decode() == expected_text("fake")
+    conversation = conversation_of((errors + more_errors).decode())
+    rows = await asyncio.to_thread(site.messages, conversation=conversation)
+    assert [row[:2] for row in rows[:3]] == [
+        ("user", "Hello"),
+        ("assistant", expected_text("fake")),
+        ("user", "Tell me a long story"),
+    ]
+    (_, partial, status) = rows[-1]
+    assert status == "stopped" and len(partial) < len(expected_text("fake-slow"))
+    assert (shown + rest).decode() == partial + "\n"

@@ -81,6 +81,57 @@ def export_file(*conversations: Conversation) -> dict:
     return {"schema": SCHEMA, "conversations": [record_of(c) for c in conversations]}
 
 
+def without_ids(record: dict) -> dict:
+    """record with its own ids and owner taken out, and the ids it points to
+    (parents, the active leaf) as positions in its list of messages: what an
+    import must bring back as it was."""
+    record = copy.deepcopy(record)
+    position = {m["id"]: i for i, m in enumerate(record["messages"])}
+    record.pop("id")
+    record.pop("owner")
+    record["active"] = position.get(record["active"])
+    for message in record["messages"]:
+        message.pop("id")
+        message["parent"] = position.get(message["parent"])
+    return record
+
+
+def answer(reply: Message, text: str) -> None:
+    """Finish a reply start_turn began, as its writer would."""
+    reply.content, reply.status = text, Message.Status.COMPLETE
+    reply.save(update_fields=["content", "status"])
+
+
+@pytest.fixture
+def branched_chat(alice):
+    """A conversation as the page makes one (issue 13): a reply regenerated,
+    the question then edited and followed up, and the user switched back to
+    the first question's newest reply, so that the active path is neither
+    the newest branch nor the chain the messages were written in."""
+    conversation = Conversation.objects.create(owner=alice, title="Branches", model="fake")
+    question, first, _ = conversation.start_turn("Two plus two?", "fake", {})
+    answer(first, "Four.")
+    _, second, _ = conversation.start_turn(None, "fake", {})
+    answer(second, "It is 4.")
+    _, third, _ = conversation.start_turn("2 + 2 = ?", "fake", {}, editing=question)
+    answer(third, "4")
+    _, fourth, _ = conversation.start_turn("And times three?", "fake", {})
+    answer(fourth, "12")
+    conversation.switch(question.pk)
+    conversation.refresh_from_db()
+    assert conversation.active_id == second.pk
+    return conversation
+
+
+def tree_of(conversation: Conversation) -> tuple[dict, list[str]]:
+    """Each message's text with its parent's text (every text in these tests
+    is unique), and the texts of the active path, root first."""
+    messages = list(conversation.messages.order_by("created", "pk"))
+    text = {m.pk: m.content for m in messages}
+    parents = {m.content: text.get(m.parent_id) for m in messages}
+    return parents, [m.content for m in conversation.visible_messages()]
+
+
 # the record
 
 
@@ -257,17 +308,121 @@ def test_an_export_imports_back_as_new_conversations_of_the_importer(full_chat, 
     [imported] = import_records(bob, data)
 
     assert imported.owner == bob and imported.pk != full_chat.pk
-    again = record_of(imported)
-    original = record_of(full_chat)
     # Everything but the ids and the owner comes back as it was.
-    for record in (again, original):
-        record.pop("id")
-        record.pop("owner")
-        for message in record["messages"]:
-            message.pop("id")
-    assert again == original
+    assert without_ids(record_of(imported)) == without_ids(record_of(full_chat))
     assert Conversation.objects.for_user(bob).count() == 1
     assert Conversation.objects.for_user(full_chat.owner).count() == 1
+
+
+def test_a_record_holds_the_tree_parents_and_the_active_leaf(branched_chat):
+    record = record_of(branched_chat)
+
+    ids = {m["content"]: m["id"] for m in record["messages"]}
+    parents = {m["content"]: m["parent"] for m in record["messages"]}
+    assert parents == {
+        "Two plus two?": None,
+        "Four.": ids["Two plus two?"],
+        "It is 4.": ids["Two plus two?"],
+        "2 + 2 = ?": None,
+        "4": ids["2 + 2 = ?"],
+        "And times three?": ids["4"],
+        "12": ids["And times three?"],
+    }
+    assert record["active"] == ids["It is 4."]
+    on_path = [m["content"] for m in record["messages"] if not m["superseded"]]
+    assert on_path == ["Two plus two?", "It is 4."]
+
+
+def test_a_branched_conversation_imports_with_its_tree_and_active_path(branched_chat, bob):
+    [imported] = import_records(bob, export_file(branched_chat))
+
+    assert tree_of(imported) == tree_of(branched_chat)
+    assert tree_of(imported)[1] == ["Two plus two?", "It is 4."]
+    assert without_ids(record_of(imported)) == without_ids(record_of(branched_chat))
+    # New ids throughout: the imported tree points only at its own messages.
+    new_ids = set(imported.messages.values_list("pk", flat=True))
+    assert imported.active_id in new_ids
+    assert set(imported.messages.exclude(parent=None).values_list("parent", flat=True)) <= new_ids
+    assert not new_ids & set(branched_chat.messages.values_list("pk", flat=True))
+    # And it goes on like any conversation: versions, history, a switch.
+    reply = imported.messages.get(content="It is 4.")
+    assert [imported.messages.get(pk=m).content for m in reply.siblings()] == ["Four.", "It is 4."]
+    assert imported.history() == [
+        {"role": "user", "content": "Two plus two?"},
+        {"role": "assistant", "content": "It is 4."},
+    ]
+    imported.switch(imported.messages.get(content="2 + 2 = ?").pk)
+    assert tree_of(imported)[1] == ["2 + 2 = ?", "4", "And times three?", "12"]
+
+
+def test_the_markdown_export_shows_the_active_path_only(branched_chat):
+    text = exports.as_markdown(branched_chat)
+
+    assert "Two plus two?" in text and "It is 4." in text
+    for elsewhere in ("Four.", "2 + 2 = ?", "And times three?", "12"):
+        assert f"\n{elsewhere}\n" not in text
+
+
+def old_style(record: dict) -> dict:
+    """record as exported before conversations were trees: no parents, no
+    active leaf."""
+    record = copy.deepcopy(record)
+    record.pop("active")
+    for message in record["messages"]:
+        message.pop("parent")
+    return record
+
+
+def test_an_export_from_before_the_tree_imports_as_a_chain_with_replaced_replies_as_versions(
+    full_chat, bob
+):
+    data = export_file(full_chat)
+    data["conversations"] = [old_style(r) for r in data["conversations"]]
+
+    [imported] = import_records(bob, data)
+
+    parents, path = tree_of(imported)
+    assert parents == {
+        "How does it work?": None,
+        "An old answer": "How does it work?",
+        "Halve the list **each** step.": "How does it work?",
+        "And then?": "Halve the list **each** step.",
+        "": "And then?",  # the failed reply
+    }
+    assert path == ["How does it work?", "Halve the list **each** step.", "And then?", ""]
+    assert imported.active == imported.messages.get(role="assistant", status="error")
+    reply = imported.messages.get(content="Halve the list **each** step.")
+    old = imported.messages.get(content="An old answer")
+    assert reply.siblings() == [old.pk, reply.pk]
+    assert old.superseded and not reply.superseded
+    # The same tree the site's own export of the original has.
+    assert without_ids(record_of(imported)) == without_ids(record_of(full_chat))
+
+
+def test_superseded_is_made_to_agree_with_the_active_path(branched_chat, bob):
+    data = export_file(branched_chat)
+    for message in data["conversations"][0]["messages"]:
+        message["superseded"] = not message["superseded"]  # all wrong
+
+    [imported] = import_records(bob, data)
+
+    assert tree_of(imported)[1] == ["Two plus two?", "It is 4."]
+    assert imported.messages.filter(superseded=False).count() == 2
+
+
+def test_a_parent_in_another_conversation_of_the_file_is_refused(branched_chat, full_chat, bob):
+    data = export_file(full_chat, branched_chat)
+    elsewhere = data["conversations"][0]["messages"][0]["id"]
+    data["conversations"][1]["messages"][1]["parent"] = elsewhere
+
+    with pytest.raises(ImportRefused) as refused:
+        import_records(bob, data)
+
+    assert str(refused.value) == (
+        "conversations[1].messages[1].parent: not the id of an earlier message of its conversation."
+    )
+    assert not Conversation.objects.for_user(bob).exists()
+    assert not Message.objects.filter(conversation__owner=bob).exists()
 
 
 def test_a_reply_exported_mid_stream_imports_as_interrupted(alice, bob):
@@ -375,6 +530,44 @@ BAD_FILES = [
         lambda d: d["conversations"][0]["messages"][4]["error"].update(code="made_up"),
         "error.code",
         id="unknown-error-code",
+    ),
+    pytest.param(
+        lambda d: d["conversations"][0]["messages"][1].update(
+            parent=d["conversations"][0]["messages"][3]["id"]
+        ),
+        "conversations[0].messages[1].parent: not the id of an earlier message",
+        id="parent-later",
+    ),
+    pytest.param(
+        lambda d: d["conversations"][0]["messages"][1].update(
+            parent="6fa459ea-ee8a-4ca4-894e-db77e160355e"
+        ),
+        "conversations[0].messages[1].parent: not the id of an earlier message",
+        id="parent-unknown",
+    ),
+    pytest.param(
+        lambda d: d["conversations"][0]["messages"][0].update(
+            parent=d["conversations"][0]["messages"][0]["id"]
+        ),
+        "conversations[0].messages[0].parent: not the id of an earlier message",
+        id="parent-itself",
+    ),
+    pytest.param(
+        lambda d: d["conversations"][0]["messages"][1].update(parent=1),
+        "conversations[0].messages[1].parent: expected a string",
+        id="parent-not-a-string",
+    ),
+    pytest.param(
+        lambda d: d["conversations"][0]["messages"][2].update(
+            id=d["conversations"][0]["messages"][1]["id"]
+        ),
+        "conversations[0].messages[2].id: the id of an earlier message too",
+        id="duplicate-id",
+    ),
+    pytest.param(
+        lambda d: d["conversations"][0].update(active="6fa459ea-ee8a-4ca4-894e-db77e160355e"),
+        "conversations[0].active: not the id of a message of this conversation",
+        id="active-unknown",
     ),
 ]
 
