@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from asgiref.sync import sync_to_async
@@ -17,7 +18,7 @@ from django.conf import settings
 
 from . import llm, protocol, replies
 from .budget import FrameBudget
-from .models import ApiToken, Busy, Conversation, Message, NothingToAnswer
+from .models import ApiToken, Busy, Conversation, Message, NothingToAnswer, Turn
 from .protocol import ErrorCode, FrameError
 from .ratelimit import allow_send
 from .signins import SignIn, aepoch, user_group
@@ -196,18 +197,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def on_send(self, frame: dict, request_id: str | None) -> None:
         request = protocol.send_request(frame)
-        await self.check_rate()
-        if request.model is not None and not await llm.model_exists(request.model):
-            raise protocol.model_not_found(request.model)
-        default_model = await llm.default_model()
-        try:
-            turn = await database_sync_to_async(Conversation.objects.begin_send)(
-                self.user, request, default_model
-            )
-        except Conversation.DoesNotExist:
-            raise FrameError(ErrorCode.NOT_FOUND, protocol.NOT_FOUND_TEXT) from None
-        except Busy:
-            raise FrameError(ErrorCode.BUSY, protocol.BUSY_TEXT) from None
+        turn = await self.begin_turn(Conversation.objects.begin_send, request)
         conversation = turn.conversation
         await self.subscribe(conversation)
         if turn.created:
@@ -257,20 +247,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def on_edit(self, frame: dict, request_id: str | None) -> None:
         request = protocol.edit_request(frame)
-        await self.check_rate()
-        if request.model is not None and not await llm.model_exists(request.model):
-            raise protocol.model_not_found(request.model)
-        default_model = await llm.default_model()
-        try:
-            turn = await database_sync_to_async(Conversation.objects.begin_edit)(
-                self.user, request, default_model
-            )
-        except Conversation.DoesNotExist:
-            raise FrameError(ErrorCode.NOT_FOUND, protocol.NOT_FOUND_TEXT) from None
-        except Message.DoesNotExist:
-            raise FrameError(ErrorCode.NOT_FOUND, protocol.NO_SUCH_MESSAGE_TEXT) from None
-        except Busy:
-            raise FrameError(ErrorCode.BUSY, protocol.BUSY_TEXT) from None
+        turn = await self.begin_turn(Conversation.objects.begin_edit, request)
         conversation = turn.conversation
         await self.subscribe(conversation)
         if turn.changed:
@@ -372,6 +349,23 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     }
 
     # Helpers.
+
+    async def begin_turn(self, begin: Callable[..., Turn], request: Any) -> Turn:
+        """A send or an edit: the rate limit and the model checked, then
+        begin (ConversationQuerySet.begin_send or begin_edit) saves the
+        user's message and the reply row, in a worker thread."""
+        await self.check_rate()
+        if request.model is not None and not await llm.model_exists(request.model):
+            raise protocol.model_not_found(request.model)
+        default_model = await llm.default_model()
+        try:
+            return await database_sync_to_async(begin)(self.user, request, default_model)
+        except Conversation.DoesNotExist:
+            raise FrameError(ErrorCode.NOT_FOUND, protocol.NOT_FOUND_TEXT) from None
+        except Message.DoesNotExist:
+            raise FrameError(ErrorCode.NOT_FOUND, protocol.NO_SUCH_MESSAGE_TEXT) from None
+        except Busy:
+            raise FrameError(ErrorCode.BUSY, protocol.BUSY_TEXT) from None
 
     async def own_conversation(self, frame: dict) -> Conversation:
         conversation_id = protocol.conversation_id(frame)
