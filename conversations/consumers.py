@@ -538,8 +538,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json(protocol.deleted_frame(event["conversation"]))
 
     async def user_signed_out(self, event: dict) -> None:
-        if not self.closing:
+        if self.closing:
+            return
+        try:
             await self.still_signed_in()
+        except Exception:
+            # A sign-in of this user ended and the check failed (the cache
+            # or the database away for a moment). Raised here, it killed the
+            # consumer: the page saw 1011, its reconnects were refused, and
+            # it never heard why. Closed as signed out, a page asks the site
+            # and reconnects if its own session still stands.
+            logger.exception("a socket could not re-check its sign-in; closed as signed out")
+            await self.close_socket(protocol.CLOSE_SIGNED_OUT)
 
     async def token_revoked(self, event: dict) -> None:
         await self.close(code=protocol.CLOSE_TOKEN_REVOKED)

@@ -79,3 +79,21 @@ def alice(django_user_model):
 @pytest.fixture
 def bob(django_user_model):
     return django_user_model.objects.create_user("bob", password=PASSWORD)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that ran against a live site (tests/live.Site) shows
+    the end of that site's server logs: CI keeps nothing else of them."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for name in ("site", "live_site", "sites"):
+        site = item.funcargs.get(name) if hasattr(item, "funcargs") else None
+        for log in getattr(site, "logs", None) or []:
+            try:
+                text = log.read_text(errors="replace")
+            except OSError:
+                continue
+            report.sections.append((f"{log.name}, its last 6,000 characters", text[-6000:]))

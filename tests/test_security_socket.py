@@ -509,6 +509,22 @@ async def test_saving_a_user_without_a_new_password_or_deactivation_closes_nothi
     await ws.disconnect()
 
 
+async def test_a_sign_out_whose_check_fails_closes_the_socket_as_signed_out(alice, monkeypatch):
+    """The cache or the database away just when a sign-out is announced:
+    the socket is closed with 4003 (a page then asks the site whether it is
+    still signed in), not killed with 1011 and left reconnecting."""
+    client = await sync_to_async(logged_in)(alice)
+    ws = await session_socket(client)
+
+    def unreachable(self):
+        raise ConnectionError("the cache is away")
+
+    monkeypatch.setattr(signins.SignIn, "holds", unreachable)
+    await sync_to_async(signins.signed_out)(alice.pk)
+    assert await signed_out(ws)
+    await ws.disconnect()
+
+
 async def test_a_frame_that_races_the_sign_out_event_is_not_served(alice):
     """The epoch is moved before the group hears of it: a frame in between
     is checked against the database, found signed out, and not answered."""
