@@ -290,7 +290,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         back: its events are dropped. new_reply, just made, is sent as it
         was saved (its writer has not started yet)."""
         conversation_id = str(conversation.pk)
-        messages, off_path = await database_sync_to_async(conversation.replay)(only_live)
+        try:
+            messages, off_path = await database_sync_to_async(conversation.replay)(only_live)
+        except Conversation.DoesNotExist:
+            raise FrameError(ErrorCode.NOT_FOUND, protocol.NOT_FOUND_TEXT) from None
         if only_live:
             answer: Any = protocol.resubscribed_frame(conversation)
         elif with_path:

@@ -261,28 +261,38 @@ class Conversation(models.Model):
         rows = self.messages.order_by("created", "pk").values_list("id", "parent_id", "role")
         return Tree(Node(*row) for row in rows)
 
-    def path(self, tree: Tree | None = None) -> list["Message"]:
+    def path(self) -> list["Message"]:
         """The messages of the active path, oldest first, each knowing its
-        versions (Message.siblings), for their frames."""
-        tree = tree or self.tree()
-        messages = list(self.visible_messages())
-        for message in messages:
-            message.sibling_ids = tree.siblings(message.pk)
-        return messages
+        versions (Message.siblings), for their frames. DoesNotExist if the
+        conversation is deleted while it is read."""
+        return self._with_versions(list(self.visible_messages()))
 
     def replay(self, only_live: bool = False) -> tuple[list["Message"], list[Any]]:
         """What a subscribe sends: the active path (or only its replies in
         progress), and the ids of the replies in progress off the path,
-        whose events a socket showing the path drops."""
-        tree = self.tree()
+        whose events a socket showing the path drops. DoesNotExist if the
+        conversation is deleted while it is read."""
+        messages = self.visible_messages()
         if only_live:
-            messages = list(self.visible_messages().filter(status__in=Message.LIVE_STATUSES))
-            for message in messages:
-                message.sibling_ids = tree.siblings(message.pk)
-        else:
-            messages = self.path(tree)
+            messages = messages.filter(status__in=Message.LIVE_STATUSES)
         off_path = self.messages.filter(status__in=Message.LIVE_STATUSES, superseded=True)
-        return messages, list(off_path.values_list("pk", flat=True))
+        return self._with_versions(list(messages)), list(off_path.values_list("pk", flat=True))
+
+    def _with_versions(self, messages: list["Message"]) -> list["Message"]:
+        # The messages are read before the tree, not after: a message made
+        # between the two reads (another tab's send) is then in the tree,
+        # and one missing from it was deleted since: with the conversation,
+        # or alone by staff in the admin, when it is simply not shown.
+        if not messages:
+            return messages  # nothing to name versions of: no tree query
+        tree = self.tree()
+        if any(message.pk not in tree for message in messages):
+            if not Conversation.objects.filter(pk=self.pk).exists():
+                raise Conversation.DoesNotExist
+            messages = [message for message in messages if message.pk in tree]
+        for message in messages:
+            message.sibling_ids = tree.siblings(message.pk)
+        return messages
 
     def active_leaf(self, tree: Tree) -> Any:
         if self.active_id is not None and self.active_id in tree:

@@ -96,7 +96,10 @@ def _url_templates() -> dict[str, str]:
 def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpResponse:
     # The saved messages go into the page itself, so a reload shows them at
     # once instead of a blank conversation until the socket's snapshot.
-    saved = [m.as_frame() for m in conversation.path()] if conversation else []
+    try:
+        saved = [m.as_frame() for m in conversation.path()] if conversation else []
+    except Conversation.DoesNotExist:
+        raise Http404 from None  # deleted (in another tab) while it was read
     # When staff last opened each of the user's conversations (review.models).
     reviews = AccessLog.objects.notices_for(request.user)
     return render(

@@ -4,7 +4,9 @@ migration that made the old flat conversations trees, and the `edit` and
 `switch` frames through WebsocketCommunicator against the fake model server."""
 
 import asyncio
+import contextlib
 import uuid
+from unittest import mock
 
 import pytest
 from django.db import connection
@@ -214,6 +216,55 @@ def test_a_reply_switched_away_from_still_blocks_a_second_reply(chat):
     chat.switch(first.pk)
 
     assert chat.reply_in_progress() == live
+
+
+@contextlib.contextmanager
+def between_the_reads(action):
+    """Run action when a conversation's tree is read: after its messages, as
+    another tab's send or a delete can fall between the two queries."""
+    real_tree = Conversation.tree
+
+    def tree(self):
+        action()
+        return real_tree(self)
+
+    with mock.patch.object(Conversation, "tree", tree):
+        yield
+
+
+@pytest.mark.django_db
+def test_a_send_between_the_reads_of_a_replay_is_not_an_error(chat):
+    answered(chat, "one", "1")
+    with between_the_reads(lambda: answered(chat, "two", "2")):
+        messages, _ = chat.replay()
+
+    assert texts(messages) == ["one", "1"]
+    assert all(m.sibling_ids == [m.pk] for m in messages)
+
+
+@pytest.mark.django_db
+def test_a_conversation_deleted_between_the_reads_of_a_replay_is_gone(chat):
+    answered(chat, "one", "1")
+    deleted = between_the_reads(lambda: Conversation.objects.filter(pk=chat.pk).delete())
+    with deleted, pytest.raises(Conversation.DoesNotExist):
+        chat.replay()
+
+
+@pytest.mark.django_db
+def test_a_message_deleted_alone_between_the_reads_is_not_shown(chat):
+    answered(chat, "one", "1")
+    answer = chat.messages.get(content="1")
+    with between_the_reads(lambda: Message.objects.filter(pk=answer.pk).delete()):
+        assert texts(chat.path()) == ["one"]
+
+
+@pytest.mark.django_db
+def test_a_page_whose_conversation_is_deleted_while_it_renders_is_not_found(client, alice, chat):
+    answered(chat, "one", "1")
+    client.force_login(alice)
+    with between_the_reads(lambda: Conversation.objects.filter(pk=chat.pk).delete()):
+        response = client.get(chat.get_absolute_url())
+    assert response.status_code == 404
 
 
 # The migration.
