@@ -294,18 +294,32 @@ async def database_outage(transactional_db):
         outage.restore()
         return
     proxy = TcpProxy(settings_dict["HOST"] or "127.0.0.1", int(settings_dict["PORT"] or 5432))
-    saved = {key: settings_dict[key] for key in ("HOST", "PORT")}
-    settings_dict.update(HOST="127.0.0.1", PORT=str(proxy.port))
+    saved = {key: settings_dict[key] for key in ("HOST", "PORT", "OPTIONS")}
+    options = dict(settings_dict["OPTIONS"])
+    if isinstance(options.get("pool"), dict):
+        # A save waits this long for a pooled connection through the cut
+        # proxy, not the site's 5 s, so that the retries end within the test.
+        options["pool"] = {**options["pool"], "timeout": 1.0}
+    settings_dict.update(HOST="127.0.0.1", PORT=str(proxy.port), OPTIONS=options)
     # The ORM's async calls share one worker thread: its connection, made
-    # before, would not go through the proxy.
-    await sync_to_async(connections.close_all)()
+    # before (or the pool's), would not go through the proxy.
+    await sync_to_async(reconnect_all)()
     try:
         yield proxy
     finally:
         proxy.restore()
         settings_dict.update(saved)
-        await sync_to_async(connections.close_all)()
+        await sync_to_async(reconnect_all)()
         proxy.close()
+
+
+def reconnect_all() -> None:
+    """The next query of every connection opens a new one, from the
+    settings as they are now: a pool (Postgres) is closed as well."""
+    for conn in connections.all():
+        conn.close()
+        if hasattr(conn, "close_pool"):
+            conn.close_pool()
 
 
 def fast_save_tries(monkeypatch) -> None:
