@@ -101,6 +101,12 @@ def site_settings(args: argparse.Namespace) -> dict[str, str]:
     return {
         "DEFAULT_MODEL": MODEL,
         "LOG_LEVEL": "WARNING",
+        # As a site is run, not as a developer's: DEBUG keeps every query
+        # of each database thread (up to 9,000), which a memory check over
+        # ten minutes would measure instead of the site.
+        "DEBUG": "0",
+        "SECRET_KEY": uuid.uuid4().hex,
+        "SECURE_COOKIES": "0",  # plain http on loopback
         "CHAT_RATE_LIMIT": "600",
         "CHAT_MAX_REPLIES_PER_USER": "6",
         "CHAT_MAX_REPLIES": "100",

@@ -2,6 +2,12 @@ import asyncio
 import os
 import sys
 
+from chatsite.memory import tune_allocator
+
+# First: glibc ties each thread to an arena as the thread first allocates,
+# and Django's set-up below already starts some.
+tune_allocator()
+
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
