@@ -65,7 +65,7 @@ COMMANDS = {
     "/versions [[q] N]": "list the versions of the last question and reply; "
     "N shows version N of the reply, q N version N of the question",
     "/help": "list these commands",
-    "/exit": "leave (so does Ctrl-D)",
+    "/exit": "leave (so do /quit and Ctrl-D)",
 }
 HINT = "[type a message and press Enter to send it; /help lists the commands]"
 EDIT_USAGE = "[/edit TEXT asks your last question again, worded as TEXT]"
@@ -782,7 +782,7 @@ def repl(runner: LoopThread, session: Session) -> int:
                 line = input("> " if interactive else "").strip()
             except EOFError:
                 return 0
-            if line == "/exit":
+            if line in ("/exit", "/quit"):
                 return 0
             if line:
                 run_line(runner, session, line)

@@ -187,6 +187,14 @@ def test_repl_two_prompts_then_new_and_model(site, fake_llm_server):
     assert last["messages"] == [{"role": "user", "content": "Third"}]
 
 
+@pytest.mark.parametrize("leave", ["/exit", "/quit"])
+def test_repl_exit_and_quit_leave_without_sending_anything_more(site, fake_llm_server, leave):
+    result = run_client(site, stdin=f"Question\n{leave}\nNot sent\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_text("fake") + "\n"
+    assert [r["messages"][-1]["content"] for r in fake_llm_server.requests[-1:]] == ["Question"]
+
+
 def test_repl_new_starts_without_the_last_system_prompt_unless_one_is_set(site, fake_llm_server):
     lines = ["/system Be a pirate.", "One", "/new", "Two", "/system Be brief.", "Three"]
     result = run_client(site, stdin="\n".join(lines) + "\n")
