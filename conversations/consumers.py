@@ -225,8 +225,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             )
         except Conversation.DoesNotExist:
             raise FrameError(ErrorCode.NOT_FOUND, protocol.NOT_FOUND_TEXT) from None
-        except Busy:
-            raise FrameError(ErrorCode.BUSY, protocol.BUSY_TEXT) from None
+        except Busy as busy:
+            raise protocol.busy(busy.reply_id) from None
         except NothingToAnswer:
             raise protocol.bad_request(protocol.NOTHING_TO_ANSWER_TEXT) from None
         await self.subscribe(conversation)
@@ -367,8 +367,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             raise FrameError(ErrorCode.NOT_FOUND, protocol.NOT_FOUND_TEXT) from None
         except Message.DoesNotExist:
             raise FrameError(ErrorCode.NOT_FOUND, protocol.NO_SUCH_MESSAGE_TEXT) from None
-        except Busy:
-            raise FrameError(ErrorCode.BUSY, protocol.BUSY_TEXT) from None
+        except Busy as busy:
+            raise protocol.busy(busy.reply_id) from None
 
     async def own_conversation(self, frame: dict) -> Conversation:
         conversation_id = protocol.conversation_id(frame)

@@ -177,7 +177,12 @@ class ConversationQuerySet(models.QuerySet):
 
 
 class Busy(Exception):
-    """A reply is already being written in this conversation."""
+    """A reply is already being written in this conversation: reply_id,
+    on the active path or off it."""
+
+    def __init__(self, reply_id: Any) -> None:
+        super().__init__(reply_id)
+        self.reply_id = reply_id
 
 
 # Any fixed number: the key of the Postgres advisory lock that turns take.
@@ -481,7 +486,7 @@ class Conversation(models.Model):
         self.active_id = row.active_id
         live = self.reply_in_progress()
         if live is not None and not (live.is_stale() and live.mark_interrupted()):
-            raise Busy
+            raise Busy(live.pk)
         self.check_reply_caps()
         appending = content is not None and editing is None
         tree: Tree | None = None

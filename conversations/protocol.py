@@ -90,14 +90,29 @@ NOT_FINISHED_TEXT = "A reply can be rated once it has finished."
 class FrameError(Exception):
     """A client frame that is refused: becomes an `error` frame."""
 
-    def __init__(self, code: ErrorCode, message: str, retry_after: int | None = None):
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        retry_after: int | None = None,
+        reply: Any = None,
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.reply = reply
 
     def frame(self, request_id: str | None = None) -> "ErrorFrame":
-        return error_frame(self.code, self.message, request_id, retry_after=self.retry_after)
+        return error_frame(
+            self.code, self.message, request_id, retry_after=self.retry_after, reply=self.reply
+        )
+
+
+def busy(reply_id: Any) -> FrameError:
+    """A send, edit or regenerate refused while reply_id is written: its id
+    lets a client showing another version of the conversation go to it."""
+    return FrameError(ErrorCode.BUSY, BUSY_TEXT, reply=reply_id)
 
 
 def bad_request(message: str) -> FrameError:
@@ -406,6 +421,7 @@ class ErrorFrame(TypedDict):
     conversation: NotRequired[str]
     id: NotRequired[str]
     retry_after: NotRequired[int]
+    reply: NotRequired[str]
 
 
 def ready_frame(user: str, models: list[str], default_model: str, llm: str) -> ReadyFrame:
@@ -476,6 +492,7 @@ def error_frame(
     request_id: str | None = None,
     conversation: Any = None,
     retry_after: int | None = None,
+    reply: Any = None,
 ) -> ErrorFrame:
     frame: ErrorFrame = {"type": "error", "code": str(code), "message": message}
     if conversation is not None:
@@ -484,6 +501,8 @@ def error_frame(
         frame["id"] = request_id
     if retry_after is not None:
         frame["retry_after"] = retry_after
+    if reply is not None:
+        frame["reply"] = str(reply)
     return frame
 
 

@@ -313,12 +313,13 @@ async def test_second_send_while_replying_is_busy(alice, fake_llm):
     async with chat_socket(alice) as ws:
         first = await send(ws, "hi", model="fake-slow")
         conversation_id = first["conversation"]["id"]
-        await receive_until(ws, "delta")
+        reply = (await receive_until(ws, "delta"))[-1]["message"]
         await ws.send_json_to(
             {"type": "send", "id": "r2", "conversation": conversation_id, "content": "more"}
         )
         frames = await receive_until(ws, "error")
         assert frames[-1]["code"] == "busy" and frames[-1]["id"] == "r2"
+        assert frames[-1]["reply"] == reply
         await ws.send_json_to({"type": "stop", "conversation": conversation_id})
         await receive_until(ws, "end")
     assert await Message.objects.filter(content="more").acount() == 0

@@ -564,6 +564,12 @@ async def test_a_reply_switched_away_from_goes_on_unseen_and_comes_back_live(ali
         await ws.send_json_to({"type": "ping", "id": "p"})
         seen = await receive_until(ws, "pong")
         assert not [f for f in seen if f.get("message") == live], seen
+        # A send meanwhile is busy, naming the reply, which it cannot see.
+        await ws.send_json_to(
+            {"type": "send", "id": "s", "conversation": conversation_id, "content": "more"}
+        )
+        refused = (await receive_until(ws, "error"))[-1]
+        assert (refused["code"], refused["id"], refused["reply"]) == ("busy", "s", live)
         # And back: its text so far, then the rest live.
         await ws.send_json_to(
             {"type": "switch", "id": "back", "conversation": conversation_id, "message": live}

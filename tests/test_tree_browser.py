@@ -2,9 +2,10 @@
 between the versions with the previous and next buttons, the exact texts
 of every branch checked, by mouse and by keyboard; a reload shows the
 same branch; a switch keeps the message where it was on screen; a reply
-goes on on a branch switched away from; a refused edit gives its text
-back. Plain `def` tests sharing test_browser.py's Chromium, contexts and
-site, as test_feedback_browser.py does.
+goes on on a branch switched away from, and a send meanwhile says so and
+offers to show it; a refused edit gives its text back. Plain `def` tests
+sharing test_browser.py's Chromium, contexts and site, as
+test_feedback_browser.py does.
 
 The fake model server's answer tells which branch the model was asked
 along: `fake:echo=1` says the branch's last question back, `fake:n=2`
@@ -297,24 +298,53 @@ def test_versions_and_the_editor_pass_axe(new_context, site, scheme):
     expect(answer(last_reply(page))).to_have_text(echoed(SECOND))
 
 
-def test_a_reply_goes_on_while_another_version_is_shown_and_comes_back_live(new_context, site):
-    page = new_context().new_page()
+def away_from_a_reply_being_written(page, site, slow: str) -> None:
+    """An answered FIRST, edited to SECOND, whose reply from slow is being
+    written when the page moves back to FIRST's version."""
     sign_up(page, site, unique("wanderer"))
     choose_model(page, ECHO)
     send(page, FIRST)
     expect_shown(page, ("user", FIRST, ""), ("assistant", echoed(FIRST), ""))
-    slow = "fake:n=60,delay=0.1"
     choose_model(page, slow)
     edit(page, user_message(page), SECOND)
-    reply = last_reply(page)
-    expect(answer(reply)).to_contain_text("w2")
-
-    # Away while it is written: the first branch as it was…
+    expect(answer(last_reply(page))).to_contain_text("w2")
     user_message(page).get_by_role("button", name="Previous version").click()
     expect_shown(page, ("user", FIRST, "Version 1 of 2"), ("assistant", echoed(FIRST), ""))
+
+
+def test_a_reply_goes_on_while_another_version_is_shown_and_comes_back_live(new_context, site):
+    page = new_context().new_page()
+    slow = "fake:n=60,delay=0.1"
+    # Away while it is written: the first branch as it was…
+    away_from_a_reply_being_written(page, site, slow)
     # …and back: the reply shown live, then whole.
     user_message(page).get_by_role("button", name="Next version").click()
     expect(user_message(page).locator(".content")).to_have_text(SECOND)
     expect(last_reply(page)).to_have_attribute("data-status", "streaming")
     expect(page.locator("#stop")).to_be_visible()
     expect_shown(page, ("user", SECOND, "Version 2 of 2"), ("assistant", expected_text(slow), ""))
+
+
+def test_a_send_while_another_version_is_written_offers_to_show_it(new_context, site):
+    page = new_context().new_page()
+    away_from_a_reply_being_written(page, site, "fake:n=300,delay=0.1")
+
+    # The page shows a finished branch and offers Send; the server says why
+    # not, the text is kept, and the reply it waits on is one click away.
+    send(page, "Third")
+    notice = page.locator("#notice")
+    expect(notice).to_contain_text("another version of this conversation")
+    expect(page.locator("#prompt")).to_have_value("Third")
+    assert page.locator("#messages > article.user").count() == 1
+    notice.get_by_role("button", name="Show it").click()
+    expect(notice).to_be_hidden()
+    expect(user_message(page).locator(".content")).to_have_text(SECOND)
+    expect(last_reply(page)).to_have_attribute("data-status", "streaming")
+    page.locator("#stop").click()
+    expect(last_reply(page)).to_have_attribute("data-status", "stopped")
+
+    choose_model(page, WORDS)
+    page.locator("#send").click()  # "Third" is still in the box
+    expect(user_message(page).locator(".content")).to_have_text("Third")
+    expect(last_reply(page)).to_have_attribute("data-status", "complete")
+    expect(answer(last_reply(page))).to_have_text(expected_text(WORDS))

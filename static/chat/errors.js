@@ -10,6 +10,8 @@ export const FRIENDLY = {
   timeout: "The model server took too long to answer.",
   upstream_error: "The model server reported an error while answering.",
   busy: "A reply is already being written in this conversation. Wait for it or press Stop.",
+  busy_elsewhere:
+    "A reply is still being written on another version of this conversation. Your message is back in the input box.",
   rate_limited: "You are sending messages too quickly. Wait a moment and try again.",
   too_large: `That message is too long (the limit is ${config.maxContent.toLocaleString("en")} characters).`,
   bad_request: "The server did not understand that request.",
@@ -45,18 +47,26 @@ export function explainError(msg) {
   return "The reply could not be completed.";
 }
 
-export function showNotice(text, link = null) {
+// What the notice's button does, while the notice offers one.
+let noticeAction = null;
+
+/** Show text in the notice, with an optional link ({href, text}) or button ({text, run}). */
+export function showNotice(text, link = null, action = null) {
   els.noticeText.textContent = text;
   if (link) {
     els.noticeLink.href = link.href;
     els.noticeLink.textContent = link.text;
   }
   els.noticeLink.hidden = !link;
+  noticeAction = action;
+  if (action) els.noticeAction.textContent = action.text;
+  els.noticeAction.hidden = !action;
   els.notice.hidden = false;
 }
 
 export function hideNotice() {
   els.notice.hidden = true;
+  noticeAction = null;
 }
 
 export function announce(text) {
@@ -90,5 +100,10 @@ export function installNotices() {
   els.noticeDismiss.addEventListener("click", () => {
     hideNotice();
     els.prompt.focus();
+  });
+  els.noticeAction.addEventListener("click", () => {
+    const action = noticeAction;
+    hideNotice();
+    if (action) action.run();
   });
 }

@@ -26,6 +26,7 @@ export const els = {
   notice: $("#notice"),
   noticeText: $("#notice-text"),
   noticeLink: $("#notice-link"),
+  noticeAction: $("#notice-action"),
   noticeDismiss: $("#notice-dismiss"),
   reviewNotice: $("#review-notice"),
   composer: $("#composer"),

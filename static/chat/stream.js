@@ -4,7 +4,7 @@
 // missed something.
 
 import { giveBack, updateComposer } from "./composer.js";
-import { announce, errorText, explainError, hideNotice, normaliseError, showNotice } from "./errors.js";
+import { announce, errorText, explainError, FRIENDLY, hideNotice, normaliseError, showNotice } from "./errors.js";
 import {
   adoptUserBubble,
   appendReasoning,
@@ -32,7 +32,7 @@ import {
   upsertConversation,
 } from "./sidebar.js";
 import { applyConversation, fillModels, setLlm, setTitle } from "./toolbar.js";
-import { editRefused, pathMessage, showPath, showVersions, switchRefused } from "./versions.js";
+import { editRefused, pathMessage, showBranchOf, showPath, showVersions, switchRefused } from "./versions.js";
 
 export function subscribe(id) {
   const subId = requestId("sub");
@@ -271,6 +271,13 @@ const HANDLERS = {
       showNotice(text);
       return;
     }
+    if (frame.code === "busy" && busyElsewhere(frame, entry)) {
+      if (entry.type === "send" && !entry.confirmed) giveBack(frame.id, entry, { notice: false });
+      else if (entry.type === "edit") editRefused(entry);
+      showNotice(FRIENDLY.busy_elsewhere, null, { text: "Show it", run: () => showBranchOf(frame.reply) });
+      updateComposer();
+      return;
+    }
     if (entry.type === "send") {
       if (!entry.confirmed) giveBack(frame.id, entry, { notice: false });
       showNotice(text);
@@ -302,6 +309,13 @@ const HANDLERS = {
     updateComposer();
   },
 };
+
+/** A busy answer about a reply this page does not show: one on another branch of the conversation on screen. */
+function busyElsewhere(frame, entry) {
+  return (
+    typeof frame.reply === "string" && entry.conversation === state.current && !state.messages.has(frame.reply)
+  );
+}
 
 /** A frame's `siblings`, when it has them (a v1 server's do not): the versions of `msg`. */
 function setSiblings(msg, siblings) {

@@ -130,6 +130,15 @@ function switchVersion(msg, step) {
   pending.transmit({ type: "switch", id, conversation: state.current, message: target });
 }
 
+/** Show the branch of a message that is not on screen (a reply in progress elsewhere), at its end. */
+export function showBranchOf(message) {
+  if (!state.current) return;
+  forgetPath();
+  state.stick = true;
+  const id = pending.add("switch", { type: "switch", conversation: state.current, message });
+  pending.transmit({ type: "switch", id, conversation: state.current, message });
+}
+
 /**
  * A new active path for the conversation on screen (after an edit or a switch,
  * ours or another tab's): drop what is not on it. The kept messages are the
