@@ -163,7 +163,7 @@ REDIS_PREFIX = os.environ.get("REDIS_PREFIX", "chatsite")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "conversations.layers.RedisChannelLayer",
             "CONFIG": {
                 # redis-py 8 times reads out after 5 s by default, which is
                 # exactly how long channels-redis blocks waiting for a message.
@@ -185,6 +185,8 @@ if REDIS_URL:
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": REDIS_PREFIX,
+            # One pool for the process, not one per async context (there).
+            "OPTIONS": {"pool_class": "chatsite.redispool.SharedConnectionPool"},
         }
     }
 else:
