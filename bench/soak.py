@@ -1240,7 +1240,12 @@ def table(figures: dict[str, Any]) -> str:
         ("RSS MiB per process at the end", ", ".join(map(str, figures["rss_mb_end"]))),
         ("RSS end / minute 1", ratios),
         ("CPU per process (% of a core)", ", ".join(map(str, figures["cpu_percent"]))),
-        ("Postgres connections opened a second", figures["postgres_sessions_per_s"] or "–"),
+        (
+            "Postgres connections opened a second",
+            "–"
+            if figures["postgres_sessions_per_s"] is None
+            else figures["postgres_sessions_per_s"],
+        ),
         (
             "load average (1 min) at start, end",
             f"{figures['load_average_start'][0]}, {figures['load_average_end'][0]}",
